@@ -1,0 +1,51 @@
+"""``dist-llm``: one entry point, sub-commands dispatched here.
+
+Kept import-light (no torch at import time) so a bad config fails in about a second.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+USAGE = """usage: dist-llm <command> [hydra overrides...]
+
+commands:
+  train    train a model (launcher=local launcher.nproc=N for an N-rank mock cluster)
+  submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
+
+examples:
+  dist-llm train experiment=demo
+  dist-llm train parallel=zero3 launcher.nproc=2 train.max_steps=100
+  dist-llm train -m parallel=zero1,zero2,zero3      # Hydra multirun sweep
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from dist_llm.cli.train import train_cli
+
+        return train_cli(rest)
+    if cmd == "worker":  # internal: one rank of the local mock cluster
+        from dist_llm.cli.train import worker_main
+
+        return worker_main(rest)
+    if cmd == "submit":
+        from dist_llm.cli.submit import main as submit_main
+
+        return submit_main(rest)
+    print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

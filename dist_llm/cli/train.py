@@ -1,0 +1,88 @@
+"""``dist-llm train``: compose the Hydra config, validate it, then run or launch the ranks."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List
+
+from dist_llm.config.store import default_config_dir, register_configs, to_job_config
+from dist_llm.config.validate import ConfigError, planned_world_size, validate
+
+_exit_code = 0
+
+
+def _train_task(dcfg) -> None:
+    """Runs once per Hydra job (once, or once per point of a ``-m`` sweep)."""
+    global _exit_code
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg = to_job_config(dcfg)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        cfg.name = f"{cfg.name}-{hc.job.num}"  # one run directory per sweep point, never a timestamp
+    try:
+        validate(cfg, planned_world_size(cfg))
+    except ConfigError as e:
+        print(f"dist-llm train: {e}", file=sys.stderr)
+        _exit_code = 2
+        return
+    _exit_code = launch(cfg) or _exit_code
+
+
+def launch(cfg) -> int:
+    import os
+
+    if cfg.launcher.kind == "local" and cfg.launcher.nproc > 1 and "RANK" not in os.environ:
+        from dist_llm.config.store import save_job_config
+        from dist_llm.launch.local import spawn_local
+        from dist_llm.train.run import run_dir_for
+
+        run_dir = run_dir_for(cfg, None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "config.yaml"
+        save_job_config(cfg, str(path))
+        code = spawn_local(cfg.launcher.nproc, ["dist_llm.cli.main", "worker", str(path)],
+                           cfg.launcher.master_port)
+        if code == 0:
+            summary = run_dir / "summary.json"
+            if summary.is_file():
+                print(json.dumps(json.loads(summary.read_text()), indent=1))
+        return code
+    return _run_here(cfg)
+
+
+def _run_here(cfg) -> int:
+    from dist_llm.train.run import run_training
+    from dist_llm.train.trainer import Preempted
+
+    try:
+        summary = run_training(cfg)
+    except Preempted as e:
+        return int(e.code)
+    if cfg.launcher.kind != "local" or cfg.launcher.nproc == 1:
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str))
+    return 0
+
+
+def train_cli(args: List[str]) -> int:
+    import hydra
+
+    register_configs()
+    sys.argv = ["dist-llm train", *args]
+    main = hydra.main(version_base="1.3", config_path=default_config_dir(), config_name="config")(_train_task)
+    main()
+    return _exit_code
+
+
+def worker_main(args: List[str]) -> int:
+    """One rank of the local mock cluster: the config was composed and validated by the parent."""
+    from dist_llm.config.store import job_config_from_yaml
+
+    if len(args) != 1:
+        print("usage: dist-llm worker <resolved config.yaml>", file=sys.stderr)
+        return 2
+    return _run_here(job_config_from_yaml(args[0]))

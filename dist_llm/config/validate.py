@@ -1,0 +1,175 @@
+"""Cross-field checks, run before any process group starts.
+
+Every failure names the fields, their values and a fix; all failures are reported at once so a
+user fixes a config in one round trip rather than one error per launch.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Mapping, Optional
+
+from dist_llm.config.schema import JobConfig
+
+PRESETS = ("gpt2", "llama")
+ENGINES = ("deepspeed",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECAYS = ("cosine", "linear", "constant")
+LOG_BACKENDS = ("wandb", "console", "none")
+LOG_MODES = ("offline", "online", "disabled")
+LAUNCHERS = ("local", "torchrun", "slurm", "ray", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. ``problems`` lists each failed check."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+def planned_world_size(cfg: JobConfig, env: Optional[Mapping[str, str]] = None) -> int:
+    """The world size this job will have, from the launcher config or the launcher's environment."""
+    env = os.environ if env is None else env
+    kind = cfg.launcher.kind
+    if kind == "local":
+        return cfg.launcher.nproc
+    if kind == "slurm":
+        if "SLURM_NTASKS" in env:
+            return int(env["SLURM_NTASKS"])
+        return cfg.launcher.nodes * cfg.launcher.tasks_per_node
+    if kind == "ray":
+        return cfg.launcher.num_workers
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    return 1
+
+
+def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
+    return world_size // max(cfg.parallel.tp * cfg.parallel.pp, 1)
+
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
+    """Raise :class:`ConfigError` listing every problem; return None when the job can run."""
+    world = planned_world_size(cfg) if world_size is None else world_size
+    p: List[str] = []
+    m, par, opt, tr, data, log, la = (cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data,
+                                      cfg.logging, cfg.launcher)
+
+    def choice(field: str, value: str, allowed: tuple) -> None:
+        if value not in allowed:
+            p.append(f"{field}={value!r} is not one of {', '.join(allowed)}")
+
+    # --- model ---
+    choice("model.preset", m.preset, PRESETS)
+    for name in ("n_layers", "n_heads", "d_model", "max_seq_len", "vocab_size"):
+        if getattr(m, name) < 1:
+            p.append(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.n_heads >= 1 and m.d_model % m.n_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+                 f"pick a width that is a multiple of the head count")
+    elif m.preset == "llama" and m.n_heads >= 1 and (m.d_model // m.n_heads) % 2:
+        p.append(f"model.d_model/model.n_heads={m.d_model // m.n_heads} is odd but RoPE needs an even head "
+                 f"dimension: change model.d_model or model.n_heads")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout={m.dropout} must be in [0, 1)")
+    if tr.seq_len > m.max_seq_len:
+        p.append(f"train.seq_len={tr.seq_len} exceeds the model context model.max_seq_len={m.max_seq_len}: "
+                 f"lower train.seq_len or raise model.max_seq_len")
+    if tr.seq_len < 1:
+        p.append(f"train.seq_len={tr.seq_len} must be >= 1")
+
+    # --- parallel layout ---
+    choice("parallel.engine", par.engine, ENGINES)
+    choice("parallel.precision", par.precision, PRECISIONS)
+    if par.zero_stage not in (0, 1, 2, 3):
+        p.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    for name in ("tp", "pp", "vpp"):
+        if getattr(par, name) < 1:
+            p.append(f"parallel.{name}={getattr(par, name)} must be >= 1")
+    if world < 1:
+        p.append(f"world size {world} must be >= 1 (launcher.nproc / launcher.nodes * launcher.tasks_per_node)")
+    model_par = max(par.tp, 1) * max(par.pp, 1)
+    dp = world // model_par if model_par else 0
+    if world >= 1 and world % model_par:
+        p.append(f"world size {world} is not divisible by parallel.tp={par.tp} x parallel.pp={par.pp}: "
+                 f"world = dp*tp*pp must hold; use a world size that is a multiple of {model_par}")
+    if par.tp > 1 and m.n_heads % par.tp:
+        p.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={par.tp}: choose tp dividing the head count")
+    if par.pp > 1 and m.n_layers % (par.pp * par.vpp):
+        p.append(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={par.pp} x parallel.vpp={par.vpp}")
+    if par.engine == "deepspeed" and (par.tp > 1 or par.pp > 1 or par.sp):
+        p.append(f"parallel.tp={par.tp}, parallel.pp={par.pp}, parallel.sp={par.sp}: the deepspeed engine is "
+                 f"data-parallel only; tensor/pipeline/sequence parallelism need parallel.engine=megatron "
+                 f"(not available in this version) - set tp=1 pp=1 sp=false")
+    if par.offload_params and par.zero_stage != 3:
+        p.append(f"parallel.offload_params=true needs parallel.zero_stage=3 (got {par.zero_stage})")
+    if par.offload_optimizer and par.zero_stage == 0:
+        p.append("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+    if par.precision == "fp16" and par.device == "cpu":
+        p.append("parallel.precision=fp16 is not supported on CPU: use fp32 or bf16")
+    if par.timeout_s < 10:
+        p.append(f"parallel.timeout_s={par.timeout_s} is too short for collectives; use >= 10")
+
+    # --- batch arithmetic ---
+    mb, gb = tr.micro_batch_size, tr.global_batch_size
+    if mb < 1 or gb < 1:
+        p.append(f"train.micro_batch_size={mb} and train.global_batch_size={gb} must be >= 1")
+    elif dp >= 1 and gb % (mb * dp):
+        p.append(f"train.global_batch_size={gb} is not divisible by train.micro_batch_size={mb} x dp={dp} "
+                 f"(world {world} / (tp {par.tp} x pp {par.pp})): global = micro * grad_accum * dp; "
+                 f"use a global batch that is a multiple of {mb * dp}")
+    if data.lanes < 1:
+        p.append(f"data.lanes={data.lanes} must be >= 1")
+    else:
+        if dp >= 1 and data.lanes % dp:
+            p.append(f"data.lanes={data.lanes} is not divisible by dp={dp}: each data-parallel rank reads "
+                     f"whole lanes; use a multiple of {dp}")
+        if gb >= 1 and gb % data.lanes:
+            p.append(f"train.global_batch_size={gb} is not divisible by data.lanes={data.lanes}")
+        if data.num_workers > 0 and dp >= 1 and data.lanes % (dp * data.num_workers):
+            p.append(f"data.lanes={data.lanes} is not divisible by dp={dp} x data.num_workers={data.num_workers}")
+    if data.num_workers < 0:
+        p.append(f"data.num_workers={data.num_workers} must be >= 0")
+    if not data.train and not data.build_embedded:
+        p.append("data.train is empty: list at least one shard directory (data.train=[{path: ...}]) "
+                 "or set data.build_embedded=true for the embedded demo corpus")
+    for i, src in enumerate(data.train):
+        if src.weight <= 0:
+            p.append(f"data.train[{i}].weight={src.weight} must be > 0")
+
+    # --- optimisation and loop ---
+    if opt.name != "adamw":
+        p.append(f"optim.name={opt.name!r}: only adamw is supported")
+    if opt.lr <= 0:
+        p.append(f"optim.lr={opt.lr} must be > 0")
+    if not 0 <= opt.min_lr <= opt.lr:
+        p.append(f"optim.min_lr={opt.min_lr} must be in [0, optim.lr={opt.lr}]")
+    choice("optim.decay", opt.decay, DECAYS)
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(opt, name) < 1.0:
+            p.append(f"optim.{name}={getattr(opt, name)} must be in [0, 1)")
+    if opt.warmup_steps < 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
+        p.append("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+    if tr.max_steps < 1:
+        p.append(f"train.max_steps={tr.max_steps} must be >= 1")
+    if tr.log_every < 1 or tr.eval_every < 0 or tr.ckpt_every < 0:
+        p.append("train.log_every must be >= 1; train.eval_every and train.ckpt_every >= 0 (0 = off)")
+    if tr.keep_last < 1:
+        p.append(f"train.keep_last={tr.keep_last} must be >= 1 (the latest checkpoint is always kept)")
+    if tr.eval_every and not data.val and not data.build_embedded:
+        p.append(f"train.eval_every={tr.eval_every} but data.val is not set: give a validation split or set eval_every=0")
+    if tr.progress_bar not in ("auto", "on", "off"):
+        p.append(f"train.progress_bar={tr.progress_bar!r} is not one of auto, on, off")
+
+    # --- logging and launcher ---
+    choice("logging.backend", log.backend, LOG_BACKENDS)
+    choice("logging.mode", log.mode, LOG_MODES)
+    choice("launcher.kind", la.kind, LAUNCHERS)
+    if la.kind == "local" and la.nproc < 1:
+        p.append(f"launcher.nproc={la.nproc} must be >= 1")
+    if not cfg.name or any(c in cfg.name for c in "/\\\n\r\t") or cfg.name.startswith("."):
+        p.append(f"name={cfg.name!r} must be a plain run name (no path separators, no leading dot)")
+
+    if p:
+        raise ConfigError(p)

@@ -1,0 +1,313 @@
+"""On-disk format of pre-tokenized WebDataset shards: writer, manifest and shard readers.
+
+A *split directory* (e.g. ``data/stdlib/train/``) holds ``manifest.json`` and tar shards
+``shard-000000.tar``, ``shard-000001.tar``, ... Each tar member is one sample named
+``{global_index:010d}.tokens.npy`` whose content is the ``np.save`` bytes of a 1-D array of
+``sample_len = seq_len + 1`` token ids (``uint16`` when ``vocab_size <= 65536``, else ``uint32``).
+The extra token lets the trainer shift inputs/targets without crossing sample boundaries.
+
+Why tars of ``.npy`` members: any WebDataset tool (``webdataset.WebDataset``, ``tar tf``) can
+read the shards, while our loader reads a shard whole and keeps it in memory. Tars are written
+deterministically (USTAR, mtime 0, uid/gid 0, empty owner names, mode 0o644, members in index
+order) so re-running ``prepare`` on the same input gives byte-identical shards and checksums.
+
+``manifest.json`` is written last and atomically: a directory without one is incomplete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+FORMAT = "dist-llm-tokens/1"
+MANIFEST = "manifest.json"
+SAMPLE_SUFFIX = ".tokens.npy"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The narrowest unsigned dtype holding every id (halves disk and memory for small vocabs)."""
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tar_bytes(members: List[tuple]) -> bytes:
+    """A deterministic USTAR tar of ``(name, bytes)`` members, in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o644
+            info.type = tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes fixed-length token samples into deterministic tar shards plus a manifest.
+
+    Usage::
+
+        with ShardWriter("data/x/train", seq_len=32, vocab_size=258, samples_per_shard=256) as w:
+            for sample in samples:        # each a 1-D array of seq_len + 1 ids
+                w.add(sample)
+        manifest = w.manifest
+
+    Any existing ``manifest.json`` is removed first, so an interrupted rewrite never looks
+    complete; shard files of an earlier, larger write that the new manifest does not list are
+    deleted at :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        split_dir: PathLike,
+        seq_len: int,
+        vocab_size: int,
+        samples_per_shard: int,
+        eos_id: Optional[int] = None,
+        tokenizer_meta: Optional[Dict[str, Any]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"ShardWriter: seq_len must be >= 1, got {seq_len}")
+        if vocab_size < 1:
+            raise ValueError(f"ShardWriter: vocab_size must be >= 1, got {vocab_size}")
+        if samples_per_shard < 1:
+            raise ValueError(f"ShardWriter: samples_per_shard must be >= 1, got {samples_per_shard}")
+        if eos_id is not None and not 0 <= eos_id < vocab_size:
+            raise ValueError(f"ShardWriter: eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.split_dir = Path(split_dir)
+        self.seq_len = int(seq_len)
+        self.sample_len = self.seq_len + 1
+        self.vocab_size = int(vocab_size)
+        self.dtype = dtype_for_vocab(self.vocab_size)
+        self.samples_per_shard = int(samples_per_shard)
+        self.eos_id = eos_id
+        self.tokenizer_meta = dict(tokenizer_meta or {})
+        self.extra = dict(extra or {})
+        self.manifest: Optional[Dict[str, Any]] = None
+        self._pending: List[tuple] = []
+        self._shards: List[Dict[str, Any]] = []
+        self._count = 0
+        self._closed = False
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        stale = self.split_dir / MANIFEST
+        if stale.exists():
+            stale.unlink()
+
+    def add(self, sample: np.ndarray) -> None:
+        """Append one sample of ``seq_len + 1`` ids in ``[0, vocab_size)``."""
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for {self.split_dir} is closed; create a new one")
+        arr = np.asarray(sample)
+        if arr.ndim != 1 or arr.shape[0] != self.sample_len:
+            raise ValueError(
+                f"ShardWriter({self.split_dir}): sample {self._count} has shape {tuple(arr.shape)}, "
+                f"expected ({self.sample_len},) = seq_len + 1 (seq_len={self.seq_len}); cut the "
+                f"token stream into windows of seq_len + 1 ids"
+            )
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"ShardWriter({self.split_dir}): sample {self._count} has dtype {arr.dtype}, "
+                f"expected integer token ids"
+            )
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"ShardWriter({self.split_dir}): sample {self._count} holds token id {bad} outside "
+                f"[0, vocab_size={self.vocab_size}); check the tokenizer's vocab_size"
+            )
+        name = f"{self._count:010d}{SAMPLE_SUFFIX}"
+        self._pending.append((name, _npy_bytes(arr.astype(self.dtype))))
+        self._count += 1
+        if len(self._pending) >= self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        file = shard_name(len(self._shards))
+        data = _tar_bytes(self._pending)
+        _atomic_write(self.split_dir / file, data)
+        self._shards.append({"file": file, "num_samples": len(self._pending), "sha256": sha256_bytes(data)})
+        self._pending = []
+
+    def close(self) -> Dict[str, Any]:
+        """Flush the last (possibly short) shard, write the manifest last, return it."""
+        if self._closed:
+            assert self.manifest is not None
+            return self.manifest
+        self._flush()
+        manifest = {
+            "format": FORMAT,
+            "seq_len": self.seq_len,
+            "sample_len": self.sample_len,
+            "dtype": self.dtype,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "num_samples": self._count,
+            "num_tokens": self._count * self.sample_len,
+            "shards": self._shards,
+            "tokenizer": self.tokenizer_meta,
+            "extra": self.extra,
+        }
+        keep = {s["file"] for s in self._shards}
+        for old in self.split_dir.glob("shard-*.tar"):
+            if old.name not in keep:
+                old.unlink()
+        text = json.dumps(manifest, sort_keys=True, indent=1) + "\n"
+        _atomic_write(self.split_dir / MANIFEST, text.encode("utf-8"))
+        self.manifest = manifest
+        self._closed = True
+        return manifest
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # On an exception leave the split without a manifest: it stays visibly incomplete.
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+
+
+_REQUIRED = ("seq_len", "sample_len", "dtype", "vocab_size", "num_samples", "shards")
+
+
+def read_manifest(split_dir: PathLike) -> Dict[str, Any]:
+    """Load and sanity-check ``split_dir/manifest.json``."""
+    d = Path(split_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"token dataset directory {d} does not exist; run `dist-llm prepare` to create it "
+            f"(or set data.build_embedded=true for the embedded stdlib corpus), or fix the path"
+        )
+    path = d / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest.json in {d}: the split is incomplete or not a dist-llm token dataset; "
+            f"run `dist-llm prepare` (again) to write it"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run `dist-llm prepare`") from e
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(
+            f"{path} has format {fmt!r}, expected {FORMAT!r}; it was written by another tool or "
+            f"an incompatible version: re-run `dist-llm prepare`"
+        )
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}; re-run `dist-llm prepare`")
+    if manifest["sample_len"] != manifest["seq_len"] + 1:
+        raise ValueError(f"{path}: sample_len {manifest['sample_len']} != seq_len + 1 ({manifest['seq_len']} + 1)")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        raise ValueError(f"{path}: the shards' num_samples do not add up to num_samples; re-run `dist-llm prepare`")
+    return manifest
+
+
+def verify_shard(path: PathLike, sha256: str) -> None:
+    """Raise ValueError when the shard's SHA-256 differs from the manifest's."""
+    got = sha256_file(path)
+    if got != sha256:
+        raise ValueError(
+            f"checksum mismatch for {path}: manifest says {sha256}, file has {got}; the shard is "
+            f"corrupt or was rewritten without its manifest: re-run `dist-llm prepare`"
+        )
+
+
+def _iter_members(data: bytes, path: PathLike):
+    """``(name, bytes)`` of every regular tar member, via WebDataset's own tar iteration."""
+    try:
+        from webdataset.tariterators import tar_file_iterator
+    except ImportError:  # pragma: no cover - webdataset is a declared dependency
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for info in tar:
+                if info.isreg():
+                    f = tar.extractfile(info)
+                    assert f is not None
+                    yield info.name, f.read()
+        return
+    for item in tar_file_iterator(io.BytesIO(data)):
+        yield item["fname"], item["data"]
+
+
+def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str] = None) -> np.ndarray:
+    """Read a whole shard into an array ``[num_samples, sample_len]`` of ``dtype``.
+
+    Shards are small and read whole, so when ``sha256`` is given the bytes already in memory
+    are checked against it at no extra I/O cost. Members not ending in ``.tokens.npy`` are
+    ignored (room for side-car WebDataset fields).
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"shard {p} is listed in the manifest but missing; re-run `dist-llm prepare`"
+        ) from e
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise ValueError(
+            f"checksum mismatch for {p}: manifest says {sha256}, file has {sha256_bytes(data)}; "
+            f"the shard is corrupt or was rewritten without its manifest: re-run `dist-llm prepare`"
+        )
+    want = np.dtype(dtype)
+    rows: List[np.ndarray] = []
+    for name, blob in _iter_members(data, p):
+        if not name.endswith(SAMPLE_SUFFIX):
+            continue
+        arr = np.load(io.BytesIO(blob), allow_pickle=False)
+        if arr.shape != (sample_len,) or arr.dtype != want:
+            raise ValueError(
+                f"{p}:{name} holds an array of shape {arr.shape} and dtype {arr.dtype}, expected "
+                f"({sample_len},) {want}; the shard does not match its manifest"
+            )
+        rows.append(arr)
+    if not rows:
+        return np.zeros((0, sample_len), dtype=want)
+    return np.stack(rows)

@@ -1,0 +1,269 @@
+"""A GPT decoder as a plain ``nn.Module``, in two flavours picked by ``ModelConfig.preset``.
+
+* ``gpt2``: learned positions, pre-LN LayerNorm blocks, GELU MLP, LM head tied to the token
+  embedding.
+* ``llama``: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases, untied LM head.
+
+The module knows nothing about distribution: engines in ``dist_llm.parallel`` wrap it, and a
+later adapter maps its parameter names onto Megatron-core's layout. That is why the names are
+kept plain and stable (``tok_emb``, ``pos_emb``, ``blocks[i].attn.qkv`` / ``.proj``,
+``blocks[i].mlp.fc_in`` / ``fc_gate`` / ``fc_out``, ``norm1`` / ``norm2``, ``final_norm``,
+``lm_head``) and why q, k and v live in one fused ``qkv`` Linear whose output rows are
+``[q; k; v]``, each with its heads contiguous (head ``h`` of q is rows ``h*hd:(h+1)*hd``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dist_llm.config.schema import ModelConfig
+
+PRESETS = ("gpt2", "llama")
+IGNORE_INDEX = -100
+
+# (cos, sin), each [T, head_dim]; None for the gpt2 preset, which has learned positions.
+Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def swiglu_hidden_size(d_model: int, multiple_of: int = 16) -> int:
+    """The SwiGLU width: 8/3 * d_model keeps the 3-matrix MLP at the 2-matrix MLP's parameter
+    count (LLaMA), rounded up to ``multiple_of`` so the matmuls stay on friendly tile sizes."""
+    hidden = int(8 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Return a copy of ``cfg`` with the preset's defaults filled in for fields left ``None``.
+
+    Resolving once, up front, means the model, the FLOP count and any checkpoint adapter all
+    agree on the same concrete sizes instead of each re-deriving the defaults.
+    """
+    if cfg.preset not in PRESETS:
+        raise ValueError(
+            f"model.preset={cfg.preset!r} is not a known preset; allowed values: {', '.join(PRESETS)}"
+        )
+    if cfg.d_model % cfg.n_heads != 0:
+        raise ValueError(
+            f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
+        )
+    is_gpt2 = cfg.preset == "gpt2"
+    if not is_gpt2 and (cfg.d_model // cfg.n_heads) % 2 != 0:
+        raise ValueError(
+            f"the llama preset's rotary embedding needs an even head size, got "
+            f"model.d_model/model.n_heads = {cfg.d_model}/{cfg.n_heads}"
+        )
+    return dataclasses.replace(
+        cfg,
+        bias=is_gpt2 if cfg.bias is None else cfg.bias,
+        tie_embeddings=is_gpt2 if cfg.tie_embeddings is None else cfg.tie_embeddings,
+        d_ff=cfg.d_ff
+        if cfg.d_ff is not None
+        else (4 * cfg.d_model if is_gpt2 else swiglu_hidden_size(cfg.d_model)),
+    )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), computed in float32 so bf16
+    activations do not lose precision in the sum of squares."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] for the rotate-half RoPE convention (the one used
+    by Hugging Face LLaMA and Megatron-core), so weights port without permuting q/k rows."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, hd] by position: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.preset == "llama":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=bool(cfg.bias))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention through SDPA (flash / memory-efficient kernels when present)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=bool(cfg.bias))
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bool(cfg.bias))
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        # [B, T, 3*D] -> 3 x [B, H, T, hd]; rows are [q; k; v], heads contiguous within each.
+        q, k, v = (
+            t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            for t in self.qkv(x).split(d_model, dim=-1)
+        )
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, d_model)
+        return self.resid_dropout(self.proj(out))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU MLP (llama): ``fc_out(silu(fc_gate(x)) * fc_in(x))``.
+
+    GELU uses the tanh approximation, as GPT-2 and its Hugging Face port do.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.d_ff is not None, "resolve_model_config() first"
+        self.swiglu = cfg.preset == "llama"
+        bias = bool(cfg.bias)
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.fc_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias) if self.swiglu else None
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            hidden = F.silu(self.fc_gate(x)) * self.fc_in(x)
+        else:
+            hidden = F.gelu(self.fc_in(x), approximate="tanh")
+        return self.dropout(self.fc_out(hidden))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. ``forward(ids)`` gives logits; ``forward(ids, targets)``
+    gives the mean next-token cross-entropy (targets already shifted by the caller)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg = resolve_model_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.preset == "gpt2" else None
+        )
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.preset == "llama":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            # Non-persistent: derived from the config, so not part of checkpoints.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = None
+            self.rope_sin = None
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) weights, zero biases, unit norm gains; the projections that write
+        into the residual stream get init_std / sqrt(2 * n_layers) (GPT-2), so the residual
+        variance does not grow with depth (each block adds two such writes)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (float32) when ``targets`` is None, else the scalar mean
+        cross-entropy over positions whose target is not -100."""
+        seq = input_ids.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(
+                f"input length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                f"raise model.max_seq_len or lower train.seq_len"
+            )
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(seq, device=input_ids.device))
+        x = self.emb_dropout(x)
+        rope: Rope = None
+        if self.rope_cos is not None and self.rope_sin is not None:
+            rope = (self.rope_cos[:seq], self.rope_sin[:seq])
+        use_checkpointing = self.cfg.activation_checkpointing and self.training
+        for block in self.blocks:
+            if use_checkpointing:
+                # Recompute the block in backward instead of storing its activations.
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        logits = self.lm_head(self.final_norm(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, shared (tied) tensors counted once.
+
+        ``exclude_embeddings`` drops the vocabulary- and position-sized tables (token and position
+        embeddings and an untied LM head), leaving the count that scales compute per token and so
+        does not change with weight tying (Kaplan et al.'s non-embedding N).
+        """
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            tables = [self.tok_emb.weight, self.lm_head.weight]
+            if self.pos_emb is not None:
+                tables.append(self.pos_emb.weight)
+            for table in tables:
+                params.pop(id(table), None)
+        return sum(p.numel() for p in params.values())

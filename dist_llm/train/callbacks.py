@@ -1,0 +1,86 @@
+"""Trainer extensions. The loop calls these hooks; each callback does one job."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Dict, Optional
+
+from dist_llm.observability import Throughput, memory_stats, mfu
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dist_llm.parallel.engine import StepStats
+    from dist_llm.train.trainer import Trainer
+
+log = logging.getLogger("dist_llm.train")
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer", stats: "StepStats", step_time_s: float) -> None: ...
+    def on_eval(self, trainer: "Trainer", val_loss: float) -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class MetricsCallback(Callback):
+    """Loss, LR, grad norm, throughput, MFU and memory every ``train.log_every`` steps."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float, n_devices: int):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.n_devices = n_devices
+        self.throughput = Throughput()
+
+    def on_step_end(self, trainer, stats, step_time_s):
+        cfg = trainer.cfg.train
+        tokens = cfg.global_batch_size * cfg.seq_len
+        rates = self.throughput.update(step_time_s, tokens, cfg.global_batch_size)
+        step = trainer.state.step
+        trainer.progress.update(1)
+        trainer.progress.set_postfix(loss=f"{stats.loss:.4f}")
+        if step % cfg.log_every and step != cfg.max_steps:
+            return
+        metrics: Dict[str, float] = {
+            "train/loss": stats.loss, "train/lr": trainer.last_lr, "train/grad_norm": stats.grad_norm,
+            "train/tokens_seen": float(trainer.state.tokens_seen), **rates,
+        }
+        if self.peak_flops > 0 and rates.get("tokens_per_s"):
+            metrics["perf/mfu"] = mfu(rates["tokens_per_s"], self.flops_per_token, self.n_devices, self.peak_flops)
+        metrics.update(memory_stats(trainer.layout.device))
+        trainer.logger.log(metrics, step)
+
+
+class EvalLogCallback(Callback):
+    def on_eval(self, trainer, val_loss):
+        trainer.logger.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, trainer.state.step)
+
+
+class CheckpointCallback(Callback):
+    """Periodic saves, plus the weights of the best validation loss (model selection)."""
+
+    def __init__(self, every: int, keep_best: bool):
+        self.every = every
+        self.keep_best = keep_best
+
+    def on_step_end(self, trainer, stats, step_time_s):
+        if self.every and trainer.state.step % self.every == 0:
+            trainer.save_checkpoint()
+
+    def on_eval(self, trainer, val_loss):
+        st = trainer.state
+        if val_loss < st.best_val_loss:
+            st.best_val_loss, st.best_step = val_loss, st.step
+            if self.keep_best and st.step > 0:
+                trainer.ckpt.save_best(trainer.engine, st.step, val_loss)
+
+
+class StepTimer:
+    def __init__(self) -> None:
+        self.t0: Optional[float] = None
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        assert self.t0 is not None
+        return time.perf_counter() - self.t0

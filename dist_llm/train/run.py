@@ -1,0 +1,181 @@
+"""Wire one rank's training job together from a typed :class:`JobConfig`.
+
+Every launcher ends here: the local mock cluster's workers, torchrun, srun tasks and Ray Train
+workers all call :func:`run_training` in each rank's process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from dist_llm.config.schema import DatasetSource, JobConfig
+from dist_llm.config.store import job_config_to_dict
+from dist_llm.config.validate import validate
+from dist_llm.launch.env import LaunchEnv, read_launch_env
+
+log = logging.getLogger("dist_llm.train")
+
+
+def run_dir_for(cfg: JobConfig, job_id: Optional[str]) -> Path:
+    """``<output_dir>/<name>[-<job id>]``: the same on every rank and after a requeue, never a
+    per-rank timestamp."""
+    name = cfg.name if not job_id else f"{cfg.name}-{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}"
+    return Path(cfg.output_dir) / name
+
+
+def setup_logging(rank: int) -> None:
+    import warnings
+
+    level = logging.INFO if rank == 0 else logging.WARNING
+    # DeepSpeed calls deprecated torch.distributed APIs on every step; the warnings drown the log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _prepare_embedded(cfg: JobConfig, layout) -> JobConfig:
+    """Build the stdlib demo corpus on rank 0 (idempotent) and point the data config at it."""
+    from dist_llm.data import build_stdlib_corpus
+
+    if layout.rank == 0:
+        build_stdlib_corpus(cfg.data.embedded_dir, cfg.train.seq_len, max_bytes=cfg.data.embedded_max_bytes)
+    layout.barrier()
+    data = cfg.data
+    train = data.train or [DatasetSource(path=str(Path(data.embedded_dir) / "train"), weight=1.0)]
+    val = data.val or str(Path(data.embedded_dir) / "val")
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, train=train, val=val))
+
+
+def build_engine(cfg: JobConfig, model, layout):
+    if cfg.parallel.engine == "deepspeed":
+        from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, layout)
+    raise ValueError(f"parallel.engine={cfg.parallel.engine!r} is not available")
+
+
+def _peak_flops(cfg: JobConfig, device) -> float:
+    from dist_llm.observability import gpu_peak_flops, measure_cpu_peak_flops
+
+    if cfg.train.peak_flops > 0:
+        return cfg.train.peak_flops
+    if device.type == "cuda":
+        import torch
+
+        dtype = {"fp32": "tf32"}.get(cfg.parallel.precision, cfg.parallel.precision)
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype) or 0.0
+    return measure_cpu_peak_flops(n=256, repeats=3)
+
+
+def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict[str, Any]:
+    """Train on this rank; returns the run summary (same on every rank for the fields that matter)."""
+    le = launch_env or read_launch_env()
+    setup_logging(le.rank)
+    validate(cfg, le.world_size)
+
+    import torch
+
+    from dist_llm.checkpoint.manager import CheckpointManager
+    from dist_llm.data import TrainLoader, ValLoader
+    from dist_llm.models import build_model, flops_per_token
+    from dist_llm.observability import build_logger, make_progress
+    from dist_llm.parallel.layout import init_layout, shutdown
+    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
+    from dist_llm.train.trainer import Trainer
+
+    if not torch.cuda.is_available():
+        # Split the cores between the local ranks instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(le.local_world_size, 1)))
+    layout = init_layout(cfg.parallel, le)
+    try:
+        if cfg.data.build_embedded:
+            cfg = _prepare_embedded(cfg, layout)
+        run_dir = run_dir_for(cfg, le.job_id)
+        if layout.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        layout.barrier()
+
+        tr = cfg.train
+        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp)
+        if train_loader.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the training data uses a vocabulary of {train_loader.vocab_size} tokens but "
+                             f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
+                             f"{train_loader.vocab_size}")
+        val_loader = None
+        if cfg.data.val and tr.eval_every:
+            val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
+                                   tr.eval_batches * tr.global_batch_size)
+
+        _seed_all(tr.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        engine = build_engine(cfg, model, layout)
+        _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
+
+        config_dict = job_config_to_dict(cfg)
+        logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
+        callbacks = [
+            MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
+            EvalLogCallback(),
+            CheckpointCallback(tr.ckpt_every, tr.keep_best),
+        ]
+        progress = make_progress(tr.max_steps, 0, tr.progress_bar if layout.is_logging_rank else "off")
+        requeue = None
+        if le.launcher == "slurm" or "SLURM_JOB_ID" in os.environ:
+            from dist_llm.launch.slurm_requeue import requeue_current_job
+
+            requeue = lambda: requeue_current_job(max_requeues=cfg.launcher.max_requeues)  # noqa: E731
+        trainer = Trainer(cfg, layout, engine, train_loader, val_loader,
+                          CheckpointManager(run_dir, layout, tr.keep_last), logger, callbacks, progress,
+                          config_dict, requeue=requeue)
+        exit_code = 1
+        try:
+            summary = trainer.fit()
+            if tr.sample_tokens > 0:
+                summary["sample"] = _sample(cfg, engine, layout)
+            logger.log_summary({k: v for k, v in summary.items() if v is not None})
+            exit_code = 0
+        finally:
+            logger.finish(exit_code=exit_code)
+            train_loader.close()
+        if layout.rank == 0:
+            log.info("run finished: %s", summary)
+        return summary
+    finally:
+        shutdown()
+
+
+def _sample(cfg: JobConfig, engine, layout) -> Optional[str]:
+    """Generate text from the trained weights on rank 0 (full weights: works under ZeRO-3 too)."""
+    import json
+
+    import torch
+
+    from dist_llm.data import load_tokenizer
+    from dist_llm.models import build_model, generate
+
+    weights = engine.model_state_dict()  # collective
+    if layout.rank != 0:
+        return None
+    src = Path(cfg.data.train[0].path)
+    meta = json.loads((src / "manifest.json").read_text()).get("tokenizer") or {"kind": "byte"}
+    tok = load_tokenizer(meta, src.parent)
+    model = build_model(cfg.model)
+    model.load_state_dict(weights)
+    prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    out = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+    return tok.decode(out[0].tolist())

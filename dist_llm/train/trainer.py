@@ -1,0 +1,168 @@
+"""The training loop: small on purpose. Everything optional is a callback."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from dist_llm.checkpoint.manager import CheckpointManager, kill_self_hook
+from dist_llm.config.schema import JobConfig
+from dist_llm.launch.env import EXIT_PREEMPTED
+from dist_llm.train.callbacks import Callback, StepTimer
+from dist_llm.train.preempt import PreemptionFlag
+from dist_llm.train.schedule import lr_at
+
+log = logging.getLogger("dist_llm.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is committed; exits with EXIT_PREEMPTED."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    last_val_loss: float = math.nan
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, layout, engine, train_loader, val_loader, ckpt: CheckpointManager,
+                 logger, callbacks: List[Callback], progress, config_dict: Dict[str, Any],
+                 requeue=None):
+        self.cfg, self.layout, self.engine = cfg, layout, engine
+        self.train_loader, self.val_loader, self.ckpt = train_loader, val_loader, ckpt
+        self.logger, self.callbacks, self.progress = logger, callbacks, progress
+        self.config_dict = config_dict
+        self.requeue = requeue  # called on rank 0 after a preemption save (Slurm requeue)
+        self.state = TrainState()
+        self.last_lr = 0.0
+        self.preempt = PreemptionFlag()
+        self._saved_at = -1
+
+    # --- state ---
+    def _trainer_state(self) -> Dict[str, Any]:
+        d = asdict(self.state)
+        for k in ("best_val_loss", "last_val_loss"):  # JSON has no inf/nan
+            d[k] = d[k] if math.isfinite(d[k]) else None
+        d["world_size"] = self.layout.world_size
+        return d
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if self._saved_at == self.state.step:
+            return None
+        tr = self.cfg.train
+        hook = None
+        if tr.crash_during_save and tr.crash_at_step == self.state.step:
+            hook = kill_self_hook(self.layout, tr.crash_rank)
+        path = self.ckpt.save(self.state.step, self.engine, self._trainer_state(),
+                              self.train_loader.state_dict(), self.config_dict, crash_hook=hook)
+        self._saved_at = self.state.step
+        log.info("checkpoint committed: %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        self.ckpt.remove_stale()
+        path = self.ckpt.resolve(self.cfg.train.resume)
+        if path is None:
+            return
+        trainer_state, loader_state = self.ckpt.load(path, self.engine)
+        self.train_loader.load_state_dict(loader_state)
+        for k, v in trainer_state.items():
+            if hasattr(self.state, k):
+                setattr(self.state, k, v if v is not None else getattr(TrainState(), k))
+        self._saved_at = self.state.step
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # --- loop ---
+    def evaluate(self) -> float:
+        loss = self.engine.eval_loss(self.val_loader.batches())
+        self.state.last_val_loss = loss
+        for cb in self.callbacks:
+            cb.on_eval(self, loss)
+        return loss
+
+    def _maybe_crash(self) -> None:
+        tr = self.cfg.train
+        if tr.crash_at_step == self.state.step and not tr.crash_during_save and self.layout.rank == tr.crash_rank:
+            # Fault injection only fires in the first attempt: a marker in the run dir disarms it so
+            # a restarted job (Ray restart, requeue) trains through.
+            marker = self.ckpt.run_dir / f".crashed-at-{self.state.step}"
+            if not marker.exists():
+                marker.touch()
+                log.warning("fault injection: rank %d exits at step %d", self.layout.rank, self.state.step)
+                os._exit(13)
+
+    def _on_preempt(self) -> None:
+        log.warning("preemption signal received: saving a checkpoint at step %d", self.state.step)
+        self.save_checkpoint()
+        self.logger.finish(exit_code=EXIT_PREEMPTED)
+        if self.layout.rank == 0 and self.requeue is not None:
+            self.requeue()
+        raise Preempted()
+
+    def fit(self) -> Dict[str, Any]:
+        cfg, tr = self.cfg, self.cfg.train
+        self.preempt.install()
+        try:
+            self.maybe_resume()
+            for cb in self.callbacks:
+                cb.on_train_start(self)
+            if tr.eval_every and self.val_loader is not None and self.state.step == 0:
+                self.evaluate()
+            timer = StepTimer()
+            tokens_per_step = tr.global_batch_size * tr.seq_len
+            while self.state.step < tr.max_steps:
+                if self.preempt.agreed(self.layout):
+                    self._on_preempt()
+                self.last_lr = lr_at(self.state.step, cfg.optim, tr.max_steps)
+                batches = self.train_loader.next_step()
+                timer.start()
+                stats = self.engine.train_step(batches, self.last_lr)
+                elapsed = timer.stop()
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                if not math.isfinite(stats.loss):
+                    raise NonFiniteLossError(
+                        f"loss is {stats.loss} at step {self.state.step}: lower optim.lr, raise "
+                        f"optim.warmup_steps or use parallel.precision=fp32; the last committed checkpoint "
+                        f"in {self.ckpt.root} is intact")
+                for cb in self.callbacks:
+                    cb.on_step_end(self, stats, elapsed)
+                self._maybe_crash()
+                if tr.eval_every and self.val_loader is not None and self.state.step % tr.eval_every == 0:
+                    self.evaluate()
+            if self.val_loader is not None and tr.eval_every and self.state.step % tr.eval_every:
+                self.evaluate()
+            if tr.save_at_end:
+                self.save_checkpoint()
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        finally:
+            self.preempt.uninstall()
+            self.progress.close()
+        return self.summary()
+
+    def summary(self) -> Dict[str, Any]:
+        st = self.state
+        best_dir = self.ckpt.run_dir / "best"
+        out = {"step": st.step, "tokens_seen": st.tokens_seen, "run_dir": str(self.ckpt.run_dir),
+               "val_loss": st.last_val_loss if math.isfinite(st.last_val_loss) else None,
+               "best_val_loss": st.best_val_loss if math.isfinite(st.best_val_loss) else None,
+               "best_step": st.best_step,
+               "best_checkpoint": str(best_dir) if best_dir.is_dir() else None}
+        latest = self.ckpt.latest() if self.layout.rank == 0 else None
+        out["latest_checkpoint"] = str(latest) if latest else None
+        return out
