@@ -33,7 +33,10 @@ def _train_task(dcfg) -> None:
 def launch(cfg) -> int:
     import os
 
-    if cfg.launcher.kind == "local" and cfg.launcher.nproc > 1 and "RANK" not in os.environ:
+    # The local launcher runs ranks as child processes even for nproc=1: a sweep then trains each
+    # point in a fresh process (DeepSpeed keeps process-group state in module globals) and a
+    # crashed rank cannot take the launcher down with it.
+    if cfg.launcher.kind == "local" and "RANK" not in os.environ:
         from dist_llm.config.store import save_job_config
         from dist_llm.launch.local import spawn_local
         from dist_llm.train.run import run_dir_for
@@ -60,11 +63,10 @@ def _run_here(cfg) -> int:
         summary = run_training(cfg)
     except Preempted as e:
         return int(e.code)
-    if cfg.launcher.kind != "local" or cfg.launcher.nproc == 1:
-        import os
+    import os
 
-        if os.environ.get("RANK", "0") == "0":
-            print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str))
+    if cfg.launcher.kind != "local" and os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=1, default=str))
     return 0
 
 

@@ -126,6 +126,7 @@ class LoggingConfig:
     group: Optional[str] = None  # None = experiment name
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
     tags: List[str] = field(default_factory=list)
+    console: bool = True  # with backend=wandb, also print metric lines on the logging rank
 
 
 @dataclass

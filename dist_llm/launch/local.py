@@ -49,6 +49,9 @@ def spawn_local(nproc: int, worker_argv: List[str], master_port: int = 0,
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 rank, code = failed[0]
+                if code < 0:  # killed by a signal: report it as a shell would (128 + signal number)
+                    log.error("rank %d was killed by signal %d", rank, -code)
+                    code = 128 - code
                 alive = [p for p in procs if p.poll() is None]
                 if alive:
                     # Give peers a moment to finish by themselves (e.g. all ranks exit with the

@@ -347,7 +347,7 @@ def build_logger(
     loggers: list[MetricLogger] = []
     if cfg.backend == "wandb":
         loggers.append(WandbLogger(cfg, run_dir, run_name, config_dict))
-    elif cfg.backend == "console":
+    if cfg.backend == "console" or (cfg.backend == "wandb" and cfg.console):
         loggers.append(ConsoleLogger())
     loggers.insert(0, JsonlLogger(Path(run_dir) / "metrics.jsonl"))
     return MultiLogger(loggers)

@@ -65,6 +65,10 @@ def build_engine(cfg: JobConfig, model, layout):
         from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, model, layout)
+    if cfg.parallel.engine == "megatron":
+        from dist_llm.parallel.megatron.engine import MegatronEngine
+
+        return MegatronEngine(cfg, model, layout)
     raise ValueError(f"parallel.engine={cfg.parallel.engine!r} is not available")
 
 

@@ -65,7 +65,7 @@ class Trainer:
             return None
         tr = self.cfg.train
         hook = None
-        if tr.crash_during_save and tr.crash_at_step == self.state.step:
+        if tr.crash_during_save and tr.crash_at_step == self.state.step and self._arm_fault():
             hook = kill_self_hook(self.layout, tr.crash_rank)
         path = self.ckpt.save(self.state.step, self.engine, self._trainer_state(),
                               self.train_loader.state_dict(), self.config_dict, crash_hook=hook)
@@ -94,14 +94,21 @@ class Trainer:
             cb.on_eval(self, loss)
         return loss
 
+    def _arm_fault(self) -> bool:
+        """Fault injection (tests) fires only in a job's first attempt: a marker in the run dir,
+        checked by all ranks before anyone writes it, disarms it so the restarted job (Ray restart,
+        requeue, rerun) trains through."""
+        marker = self.ckpt.run_dir / f".fault-at-{self.state.step}"
+        armed = not marker.exists()
+        self.layout.barrier()
+        if armed and self.layout.rank == self.cfg.train.crash_rank:
+            marker.touch()
+        return armed
+
     def _maybe_crash(self) -> None:
         tr = self.cfg.train
-        if tr.crash_at_step == self.state.step and not tr.crash_during_save and self.layout.rank == tr.crash_rank:
-            # Fault injection only fires in the first attempt: a marker in the run dir disarms it so
-            # a restarted job (Ray restart, requeue) trains through.
-            marker = self.ckpt.run_dir / f".crashed-at-{self.state.step}"
-            if not marker.exists():
-                marker.touch()
+        if tr.crash_at_step == self.state.step and not tr.crash_during_save and self._arm_fault():
+            if self.layout.rank == tr.crash_rank:
                 log.warning("fault injection: rank %d exits at step %d", self.layout.rank, self.state.step)
                 os._exit(13)
 

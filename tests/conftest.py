@@ -1,0 +1,24 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def stdlib_cache(tmp_path_factory):
+    """One small embedded corpus (300 kB, seq_len 32) shared by the end-to-end tests; each test
+    copies it into its own working directory so runs stay independent."""
+    from dist_llm.data import build_stdlib_corpus
+
+    root = tmp_path_factory.mktemp("stdlib")
+    build_stdlib_corpus(root / "data" / "stdlib", 32, max_bytes=300_000)
+    return root / "data" / "stdlib"
+
+
+@pytest.fixture
+def workdir(tmp_path, stdlib_cache):
+    shutil.copytree(stdlib_cache, tmp_path / "data" / "stdlib")
+    return tmp_path

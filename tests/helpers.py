@@ -1,0 +1,41 @@
+"""Shared helpers for the end-to-end tests: run the real CLI in a subprocess, read its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny, fast job: 300 kB of stdlib text, 2-layer model, no W&B.
+TINY = ["experiment=smoke", "data.embedded_max_bytes=300000", "logging=none", "train.progress_bar=off"]
+
+
+def run_cli(args: List[str], cwd: Path, timeout: int = 600, env: Dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.setdefault("WANDB_SILENT", "true")
+    e.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "dist_llm.cli.main", *args], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dist-llm {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path, key: str = "train/loss") -> Dict[int, float]:
+    """step -> value; a resumed run re-logs nothing before its checkpoint, the last record wins."""
+    out: Dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            out[int(rec["step"])] = float(rec[key])
+    return out
+
+
+def max_rel_diff(a: Dict[int, float], b: Dict[int, float], steps) -> float:
+    return max(abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in steps)
