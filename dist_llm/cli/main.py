@@ -11,10 +11,12 @@ from typing import List, Optional
 USAGE = """usage: dist-llm <command> [hydra overrides...]
 
 commands:
+  prepare  raw text/images -> clean, deduplicated, tokenized shards (conf/prepare.yaml)
   train    train a model (launcher=local launcher.nproc=N for an N-rank mock cluster)
   submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
 
 examples:
+  dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
   dist-llm train experiment=demo
   dist-llm train parallel=zero3 launcher.nproc=2 train.max_steps=100
   dist-llm train -m parallel=zero1,zero2,zero3      # Hydra multirun sweep
@@ -27,6 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare":
+        from dist_llm.cli.prepare import main as prepare_main
+
+        return prepare_main(rest)
     if cmd == "train":
         from dist_llm.cli.train import train_cli
 

@@ -45,12 +45,10 @@ def launch(cfg) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "config.yaml"
         save_job_config(cfg, str(path))
-        code = spawn_local(cfg.launcher.nproc, ["dist_llm.cli.main", "worker", str(path)],
+        code = spawn_local(cfg.launcher.nproc, ["-m", "dist_llm.cli.main", "worker", str(path)],
                            cfg.launcher.master_port)
-        if code == 0:
-            summary = run_dir / "summary.json"
-            if summary.is_file():
-                print(json.dumps(json.loads(summary.read_text()), indent=1))
+        if code == 0 and (run_dir / "summary.json").is_file():
+            print_summary(json.loads((run_dir / "summary.json").read_text()))
         return code
     return _run_here(cfg)
 
@@ -66,8 +64,23 @@ def _run_here(cfg) -> int:
     import os
 
     if cfg.launcher.kind != "local" and os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=1, default=str))
+        print_summary(summary)
     return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The run's outcome for a person: JSON (machine-readable) plus the lines one looks for."""
+    sample = summary.get("sample")
+    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1, default=str))
+    first, last = summary.get("first_val_loss"), summary.get("val_loss")
+    if first and last:
+        print(f"validation loss {first:.4f} -> {last:.4f} ({100 * (last - first) / first:+.1f}%)")
+    if summary.get("best_checkpoint"):
+        print(f"best model (val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}): "
+              f"{summary['best_checkpoint']}")
+    if sample:
+        print("--- sample ---")
+        print(sample)
 
 
 def train_cli(args: List[str]) -> int:

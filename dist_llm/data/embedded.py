@@ -3,20 +3,19 @@
 Why: the demo and the tests need real text without a download. Python's stdlib is on every
 machine that runs us, is a few MB of genuine code, and sorted paths make the build
 deterministic for a given interpreter. Documents are files; every ``val_every``-th document
-goes to validation, so val is disjoint text from the same distribution.
+goes to validation, so val is disjoint text from the same distribution. The shards are written
+by the ``dist-llm prepare`` pipeline (``input=stdlib``) with cleaning, filters and dedup off.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sysconfig
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 
-from dist_llm.data.shards import MANIFEST, ShardWriter, read_manifest
+from dist_llm.data.shards import read_manifest
 from dist_llm.data.tokenizer import ByteTokenizer
 
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
@@ -47,18 +46,6 @@ def stdlib_documents(max_bytes: int, stdlib_dir: Optional[str] = None) -> List[T
     return docs
 
 
-def _windows(docs: List[bytes], eos_id: int, sample_len: int) -> np.ndarray:
-    """Join documents with EOS after each, cut into ``sample_len`` windows, drop the tail."""
-    parts: List[np.ndarray] = []
-    eos = np.array([eos_id], dtype=np.uint16)
-    for d in docs:
-        parts.append(np.frombuffer(d, dtype=np.uint8).astype(np.uint16))
-        parts.append(eos)
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-    n = len(stream) // sample_len
-    return stream[: n * sample_len].reshape(n, sample_len)
-
-
 def _complete(out: Path, seq_len: int) -> Optional[Dict[str, Any]]:
     try:
         train, val = read_manifest(out / "train"), read_manifest(out / "val")
@@ -87,29 +74,24 @@ def build_stdlib_corpus(
     done = _complete(out, seq_len)
     if done is not None:
         return done
-    tok = ByteTokenizer()
-    docs = stdlib_documents(max_bytes)
-    if not docs:
+    if not stdlib_documents(max_bytes):
         raise RuntimeError(f"found no readable .py files under {sysconfig.get_paths()['stdlib']} to build "
                            f"the embedded corpus; point data.train at a prepared dataset instead")
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):  # a rebuild must not leave a stale, complete-looking split
-        stale = out / split / MANIFEST
-        if stale.exists():
-            stale.unlink()
-    (out / "tokenizer.json").write_text(json.dumps(tok.meta(), sort_keys=True, indent=1) + "\n")
-    result: Dict[str, Any] = {"tokenizer": tok.meta(), "built": True}
-    for split in ("train", "val"):
-        picked = [d for i, (_, d) in enumerate(docs) if (i % val_every == 0) == (split == "val")]
-        samples = _windows(picked, tok.eos_id, seq_len + 1)
-        extra = {
-            "source": "python-stdlib", "python": platform.python_version(), "split": split,
-            "documents": len(picked), "bytes": sum(len(d) for d in picked),
-            "max_bytes": max_bytes, "val_every": val_every,
-        }
-        with ShardWriter(out / split, seq_len, tok.vocab_size, samples_per_shard, eos_id=tok.eos_id,
-                         tokenizer_meta=tok.meta(), extra=extra) as w:
-            for row in samples:
-                w.add(row)
-        result[split] = w.manifest
-    return result
+    from dist_llm.config.prepare_schema import (CleanConfig, DedupConfig, FilterConfig, PackConfig,
+                                                PrepareConfig, PrepareInputConfig, SplitConfig,
+                                                TokenizerPrepConfig)
+    from dist_llm.data.prepare import run_prepare
+
+    # The pipeline with every transformation off: byte tokens of the files exactly as they are,
+    # so the shards are byte-identical to what this function wrote before the pipeline existed.
+    cfg = PrepareConfig(
+        output_dir=str(out), workers=1, progress="off",
+        input=PrepareInputConfig(embedded="stdlib", embedded_max_bytes=max_bytes),
+        clean=CleanConfig(steps=[]), filter=FilterConfig(enabled=False), dedup=DedupConfig(exact=False, near=False),
+        tokenizer=TokenizerPrepConfig(kind="byte"),
+        pack=PackConfig(kind="causal", seq_len=seq_len, samples_per_shard=samples_per_shard),
+        split=SplitConfig(val_fraction=0.0, val_every=val_every),
+    )
+    run_prepare(cfg)
+    return {"train": read_manifest(out / "train"), "val": read_manifest(out / "val"),
+            "tokenizer": ByteTokenizer().meta(), "built": True}

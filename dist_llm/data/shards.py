@@ -12,6 +12,21 @@ deterministically (USTAR, mtime 0, uid/gid 0, empty owner names, mode 0o644, mem
 order) so re-running ``prepare`` on the same input gives byte-identical shards and checksums.
 
 ``manifest.json`` is written last and atomically: a directory without one is incomplete.
+
+Other sample kinds (``dist-llm prepare pack.kind=bert|image``) use the same tar layout with
+more fields per key, and their own ``format`` so the causal-LM loader refuses them clearly:
+
+* ``dist-llm-pairs/1`` (BERT sentence pairs, ``sample_len = seq_len``):
+  ``{key}.tokens.npy`` ``[CLS] A [SEP] B [SEP]`` padded with PAD to ``seq_len`` ids (vocab dtype),
+  ``{key}.segments.npy`` uint8 segment ids (0 for ``[CLS] A [SEP]``, 1 for ``B [SEP]``, 0 for
+  padding), ``{key}.nsp.cls`` ASCII ``0`` (B follows A) or ``1`` (B is from a random document).
+  Masked-LM masking happens at load time, so one prepared set serves every masking seed.
+* ``dist-llm-images/1``: ``{key}.npy`` a uint8 ``HxWxC`` image, ``{key}.cls`` its ASCII label id;
+  the manifest adds ``image_shape`` and ``classes``.
+
+:func:`write_shard` and :func:`write_manifest` are the one place that writes tars and manifests,
+so the prepare pipeline can write shards in parallel (one process per shard) and still produce
+exactly the bytes :class:`ShardWriter` would.
 """
 from __future__ import annotations
 
@@ -26,6 +41,9 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 FORMAT = "dist-llm-tokens/1"
+PAIRS_FORMAT = "dist-llm-pairs/1"
+IMAGES_FORMAT = "dist-llm-images/1"
+_OTHER_FORMATS = {PAIRS_FORMAT: "BERT sentence pairs", IMAGES_FORMAT: "(image, label) samples"}
 MANIFEST = "manifest.json"
 SAMPLE_SUFFIX = ".tokens.npy"
 
@@ -82,6 +100,49 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def sample_key(index: int) -> str:
+    """The tar member stem of the ``index``-th sample of a split (global over its shards)."""
+    return f"{index:010d}"
+
+
+def token_members(samples: np.ndarray, first_index: int, dtype: str) -> List[tuple]:
+    """``(name, npy bytes)`` members for rows of ``samples``, numbered from ``first_index``."""
+    return [(f"{sample_key(first_index + i)}{SAMPLE_SUFFIX}", _npy_bytes(np.asarray(row).astype(dtype)))
+            for i, row in enumerate(samples)]
+
+
+def write_shard(split_dir: PathLike, index: int, members: List[tuple], num_samples: int) -> Dict[str, Any]:
+    """Atomically write shard ``index`` of ``split_dir``; returns its manifest entry."""
+    file = shard_name(index)
+    data = _tar_bytes(members)
+    _atomic_write(Path(split_dir) / file, data)
+    return {"file": file, "num_samples": int(num_samples), "sha256": sha256_bytes(data)}
+
+
+def write_manifest(split_dir: PathLike, manifest: Dict[str, Any]) -> None:
+    """Write ``manifest.json`` last and atomically; delete shard files it does not list."""
+    d = Path(split_dir)
+    keep = {s["file"] for s in manifest["shards"]}
+    for old in d.glob("shard-*.tar"):
+        if old.name not in keep:
+            old.unlink()
+    text = json.dumps(manifest, sort_keys=True, indent=1) + "\n"
+    _atomic_write(d / MANIFEST, text.encode("utf-8"))
+
+
+def token_manifest(seq_len: int, vocab_size: int, eos_id: Optional[int], shards: List[Dict[str, Any]],
+                   tokenizer_meta: Optional[Dict[str, Any]] = None,
+                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The causal-LM manifest body (what :meth:`ShardWriter.close` writes)."""
+    count = sum(int(s["num_samples"]) for s in shards)
+    return {
+        "format": FORMAT, "seq_len": int(seq_len), "sample_len": int(seq_len) + 1,
+        "dtype": dtype_for_vocab(vocab_size), "vocab_size": int(vocab_size), "eos_id": eos_id,
+        "num_samples": count, "num_tokens": count * (int(seq_len) + 1), "shards": list(shards),
+        "tokenizer": dict(tokenizer_meta or {}), "extra": dict(extra or {}),
+    }
 
 
 class ShardWriter:
@@ -159,8 +220,7 @@ class ShardWriter:
                 f"ShardWriter({self.split_dir}): sample {self._count} holds token id {bad} outside "
                 f"[0, vocab_size={self.vocab_size}); check the tokenizer's vocab_size"
             )
-        name = f"{self._count:010d}{SAMPLE_SUFFIX}"
-        self._pending.append((name, _npy_bytes(arr.astype(self.dtype))))
+        self._pending.extend(token_members(arr[None], self._count, self.dtype))
         self._count += 1
         if len(self._pending) >= self.samples_per_shard:
             self._flush()
@@ -168,10 +228,7 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        file = shard_name(len(self._shards))
-        data = _tar_bytes(self._pending)
-        _atomic_write(self.split_dir / file, data)
-        self._shards.append({"file": file, "num_samples": len(self._pending), "sha256": sha256_bytes(data)})
+        self._shards.append(write_shard(self.split_dir, len(self._shards), self._pending, len(self._pending)))
         self._pending = []
 
     def close(self) -> Dict[str, Any]:
@@ -180,25 +237,9 @@ class ShardWriter:
             assert self.manifest is not None
             return self.manifest
         self._flush()
-        manifest = {
-            "format": FORMAT,
-            "seq_len": self.seq_len,
-            "sample_len": self.sample_len,
-            "dtype": self.dtype,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "num_samples": self._count,
-            "num_tokens": self._count * self.sample_len,
-            "shards": self._shards,
-            "tokenizer": self.tokenizer_meta,
-            "extra": self.extra,
-        }
-        keep = {s["file"] for s in self._shards}
-        for old in self.split_dir.glob("shard-*.tar"):
-            if old.name not in keep:
-                old.unlink()
-        text = json.dumps(manifest, sort_keys=True, indent=1) + "\n"
-        _atomic_write(self.split_dir / MANIFEST, text.encode("utf-8"))
+        manifest = token_manifest(self.seq_len, self.vocab_size, self.eos_id, self._shards,
+                                  self.tokenizer_meta, self.extra)
+        write_manifest(self.split_dir, manifest)
         self.manifest = manifest
         self._closed = True
         return manifest
@@ -217,8 +258,8 @@ class ShardWriter:
 _REQUIRED = ("seq_len", "sample_len", "dtype", "vocab_size", "num_samples", "shards")
 
 
-def read_manifest(split_dir: PathLike) -> Dict[str, Any]:
-    """Load and sanity-check ``split_dir/manifest.json``."""
+def read_manifest(split_dir: PathLike, expect: str = FORMAT) -> Dict[str, Any]:
+    """Load and sanity-check ``split_dir/manifest.json``; ``expect`` names the format wanted."""
     d = Path(split_dir)
     if not d.is_dir():
         raise FileNotFoundError(
@@ -236,6 +277,13 @@ def read_manifest(split_dir: PathLike) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-run `dist-llm prepare`") from e
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt in _OTHER_FORMATS and fmt != expect:
+        raise ValueError(
+            f"{path} holds {_OTHER_FORMATS[fmt]} (format {fmt!r}), not causal-LM token windows "
+            f"({expect!r}); point this at a split prepared with pack.kind=causal"
+        )
+    if fmt in _OTHER_FORMATS:
+        return manifest
     if fmt != FORMAT:
         raise ValueError(
             f"{path} has format {fmt!r}, expected {FORMAT!r}; it was written by another tool or "
@@ -311,3 +359,19 @@ def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str
     if not rows:
         return np.zeros((0, sample_len), dtype=want)
     return np.stack(rows)
+
+
+def read_records(path: PathLike) -> List[Dict[str, bytes]]:
+    """Every sample of a shard as ``{"__key__": key, field: bytes}``, in member order.
+
+    Fields are the member name after the key (``tokens.npy``, ``segments.npy``, ``nsp.cls``,
+    ``npy``, ``cls``), as ``webdataset.WebDataset`` groups them.
+    """
+    p = Path(path)
+    out: List[Dict[str, bytes]] = []
+    for name, blob in _iter_members(p.read_bytes(), p):
+        key, _, field = name.partition(".")
+        if not out or out[-1]["__key__"] != key.encode():
+            out.append({"__key__": key.encode()})
+        out[-1][field] = blob
+    return out

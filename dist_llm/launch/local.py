@@ -24,7 +24,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 def spawn_local(nproc: int, worker_argv: List[str], master_port: int = 0,
                 extra_env: Optional[dict] = None, poll_s: float = 0.2) -> int:
-    """Run ``python -m <worker_argv>`` as ``nproc`` ranks; return the job's exit code."""
+    """Run ``python <worker_argv>`` as ``nproc`` ranks; return the job's exit code."""
     port = master_port or free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs: List[subprocess.Popen] = []
@@ -35,7 +35,7 @@ def spawn_local(nproc: int, worker_argv: List[str], master_port: int = 0,
                     "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port), "DIST_LLM_LAUNCHER": "local"})
         env.setdefault("OMP_NUM_THREADS", str(threads))
-        procs.append(subprocess.Popen([sys.executable, "-m", *worker_argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, *worker_argv], env=env))
 
     def forward(signum, frame):  # noqa: ARG001 - signal API
         for p in procs:

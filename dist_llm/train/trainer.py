@@ -36,6 +36,7 @@ class TrainState:
     best_val_loss: float = math.inf
     best_step: int = -1
     last_val_loss: float = math.nan
+    first_val_loss: float = math.nan  # at step 0, before any update: the baseline of the run
 
 
 class Trainer:
@@ -55,7 +56,7 @@ class Trainer:
     # --- state ---
     def _trainer_state(self) -> Dict[str, Any]:
         d = asdict(self.state)
-        for k in ("best_val_loss", "last_val_loss"):  # JSON has no inf/nan
+        for k in ("best_val_loss", "last_val_loss", "first_val_loss"):  # JSON has no inf/nan
             d[k] = d[k] if math.isfinite(d[k]) else None
         d["world_size"] = self.layout.world_size
         return d
@@ -90,6 +91,8 @@ class Trainer:
     def evaluate(self) -> float:
         loss = self.engine.eval_loss(self.val_loader.batches())
         self.state.last_val_loss = loss
+        if self.state.step == 0:
+            self.state.first_val_loss = loss
         for cb in self.callbacks:
             cb.on_eval(self, loss)
         return loss
@@ -169,6 +172,7 @@ class Trainer:
                "val_loss": st.last_val_loss if math.isfinite(st.last_val_loss) else None,
                "best_val_loss": st.best_val_loss if math.isfinite(st.best_val_loss) else None,
                "best_step": st.best_step,
+               "first_val_loss": st.first_val_loss if math.isfinite(st.first_val_loss) else None,
                "best_checkpoint": str(best_dir) if best_dir.is_dir() else None}
         latest = self.ckpt.latest() if self.layout.rank == 0 else None
         out["latest_checkpoint"] = str(latest) if latest else None

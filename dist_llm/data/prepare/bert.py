@@ -1,0 +1,69 @@
+"""BERT pre-training pairs with next-sentence labels, built per document from its sentences.
+
+Follows Google's ``create_instances_from_document`` (without the short-sequence trick):
+sentences are gathered until ``seq_len - 3`` tokens, split at a random point into A and B; with
+probability ``random_next_prob`` B is replaced by sentences from a random *other* document of
+the split (label 1) and the unused sentences go back to the pool. The RNG is seeded by
+``(seed, split, document)``, so a shard is the same whoever writes it and whenever.
+Masked-LM masking is left to the loader (a fresh mask per epoch is better than a frozen one).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+
+
+def max_pairs(docs: Dict[str, np.ndarray], seq_len: int) -> np.ndarray:
+    """An upper bound of pairs per document (sample keys stay unique without a second pass)."""
+    return docs["nsent"] + docs["ntok"] // max(seq_len - 3, 1) + 1
+
+
+def _truncate(a: List[int], b: List[int], limit: int, rng: np.random.Generator) -> None:
+    while len(a) + len(b) > limit:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+def pairs_for_document(builder: Any, split: str, d: int) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+    """``(tokens[seq_len], segments[seq_len] uint8, nsp)``; nsp 0 = B follows A, 1 = random B."""
+    sp, L = builder.sp, builder.seq_len
+    target = L - 3
+    ndocs = len(builder.docs[split]["ntok"])
+    rng = np.random.default_rng([builder.seed, 0 if split == "train" else 1, d])
+    sents = [s.tolist() for s in builder.sentences(split, d) if len(s)]
+    chunk: List[List[int]] = []
+    length, i = 0, 0
+    while i < len(sents):
+        chunk.append(sents[i])
+        length += len(sents[i])
+        if i == len(sents) - 1 or length >= target:
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:a_end] for t in s]
+            if ndocs > 1 and (len(chunk) == 1 or rng.random() < builder.p_random):
+                other = int(rng.integers(0, ndocs - 1))
+                other += other >= d
+                rs = [s.tolist() for s in builder.sentences(split, other) if len(s)] or [[]]
+                start = int(rng.integers(0, len(rs)))
+                b: List[int] = []
+                for s in rs[start:]:
+                    b.extend(s)
+                    if len(b) >= target - len(a):
+                        break
+                nsp = 1
+                i -= len(chunk) - a_end  # the sentences not used as A go back
+            else:
+                b = [t for s in chunk[a_end:] for t in s]
+                nsp = 0
+            if a and b:
+                _truncate(a, b, target, rng)
+                toks = [sp["cls"], *a, sp["sep"], *b, sp["sep"]]
+                segs = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+                pad = L - len(toks)
+                yield (np.array(toks + [sp["pad"]] * pad, dtype=np.int64),
+                       np.array(segs + [0] * pad, dtype=np.uint8), nsp)
+            chunk, length = [], 0
+        i += 1

@@ -1,0 +1,232 @@
+"""Phase B (ordered dedup + split plan) and phase C (write one shard) of the pipeline.
+
+Phase B reads only the parts' small metadata, in input order, and decides per document:
+malformed / filtered / exact dup / near dup / kept-in-train / kept-in-val. It stores, per
+split, where every kept document's tokens live, so phase C can build any shard independently:
+shard ``s`` of a causal split holds windows ``[s*S, (s+1)*S)`` of the EOS-joined token stream,
+whatever process writes it. That is what makes the writes parallel, resumable and identical.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from dist_llm.data.prepare.dedup import EXACT_DUP, NEAR_DUP, Deduper
+from dist_llm.data.prepare.process import CANDIDATE, FILTERED0, load_part
+from dist_llm.data.shards import sample_key, token_members, write_shard
+
+SPLITS = ("train", "val")
+MAX_EXAMPLES = 100
+
+
+class BadInputError(ValueError):
+    """Too much malformed input (``input.max_bad_fraction``) or inconsistent images."""
+
+
+@dataclass
+class Stats:
+    records: int = 0
+    bytes: int = 0
+    malformed: int = 0
+    malformed_examples: List[str] = field(default_factory=list)
+    filtered: Counter = field(default_factory=Counter)
+    exact_dups: int = 0
+    near_dups: int = 0
+    kept: Dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+
+    def as_dict(self) -> Dict[str, Any]:
+        cands = sum(self.kept.values()) + self.exact_dups + self.near_dups
+        return {
+            "records": self.records, "input_bytes": self.bytes, "malformed": self.malformed,
+            "malformed_examples": self.malformed_examples,
+            "bad_fraction": self.malformed / max(self.records, 1),
+            "dropped": {"filters": dict(sorted(self.filtered.items())), "exact_dups": self.exact_dups,
+                        "near_dups": self.near_dups},
+            "dedup_rate": (self.exact_dups + self.near_dups) / max(cands, 1),
+            "documents": dict(self.kept),
+        }
+
+
+def _val_mask(exact: np.ndarray, seq: np.ndarray, val_fraction: float, val_every: int) -> np.ndarray:
+    if val_every:
+        return seq % val_every == 0
+    with np.errstate(over="ignore"):
+        u = ((exact * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u < val_fraction
+
+
+def plan(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, Dict[str, Dict[str, np.ndarray]]]:
+    """Phase B. Returns stats and, per split, the kept documents' locations (input order)."""
+    st = Stats()
+    dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image")
+    cols: Dict[str, Dict[str, List[np.ndarray]]] = {s: {} for s in SPLITS}
+    for pi, name in enumerate(parts):
+        m = load_part(work, name)
+        n = len(m["status"])
+        seq = np.arange(st.records, st.records + n)
+        st.records += n
+        st.bytes += int(m["nbytes"].sum())
+        st.malformed += len(m["malformed"])
+        for path, line, why in m["malformed"]:
+            if len(st.malformed_examples) < MAX_EXAMPLES:
+                st.malformed_examples.append(f"{path}:{line}: {why}")
+        for code, cnt in zip(*np.unique(m["status"][m["status"] >= FILTERED0], return_counts=True)):
+            st.filtered[m["rules"][int(code) - FILTERED0]] += int(cnt)
+        cand = np.nonzero(m["status"] == CANDIDATE)[0]
+        offs = np.concatenate([[0], np.cumsum(m["ntok"][cand])])[:-1]
+        codes = dd.decide(m["exact"][cand], m["bands"][cand]) if cfg.pack.kind != "image" or cfg.dedup.exact \
+            else np.zeros(len(cand), np.int8)
+        st.exact_dups += int((codes == EXACT_DUP).sum())
+        st.near_dups += int((codes == NEAR_DUP).sum())
+        keep = codes == 0
+        rows, offs = cand[keep], offs[keep]
+        is_val = _val_mask(m["exact"][rows], seq[rows], cfg.split.val_fraction, cfg.split.val_every)
+        sent_start = None
+        if "nsent" in m:
+            sent_start = np.concatenate([[0], np.cumsum(m["nsent"][cand])])[:-1][keep]
+        for split, sel in (("train", ~is_val), ("val", is_val)):
+            c = cols[split]
+            k = int(sel.sum())
+            st.kept[split] += k
+            c.setdefault("part", []).append(np.full(k, pi, np.int64))
+            c.setdefault("off", []).append(offs[sel])
+            c.setdefault("ntok", []).append(m["ntok"][rows[sel]])
+            if sent_start is not None:
+                c.setdefault("sent_start", []).append(sent_start[sel])
+                c.setdefault("nsent", []).append(m["nsent"][rows[sel]])
+            if "shape" in m:
+                c.setdefault("shape", []).append(m["shape"][rows[sel]])
+                c.setdefault("label", []).append(m["label"][rows[sel]])
+                c.setdefault("fidx", []).append(m["fidx"][rows[sel]])
+    if st.records and st.malformed / st.records > cfg.input.max_bad_fraction:
+        shown = "\n".join(f"    {e}" for e in st.malformed_examples[:20])
+        raise BadInputError(
+            f"{st.malformed} of {st.records} input records are malformed ({st.malformed / st.records:.1%} > "
+            f"input.max_bad_fraction={cfg.input.max_bad_fraction}); first ones:\n{shown}\nfix or remove "
+            f"these inputs, or raise input.max_bad_fraction to accept the loss")
+    out = {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()} for s, c in cols.items()}
+    return st, out
+
+
+# ---- phase C: one shard ----------------------------------------------------------------------
+
+@dataclass
+class ShardJob:
+    split: str
+    index: int
+    lo: int  # causal: first window; bert/image: first document
+    hi: int
+
+
+def causal_jobs(split: str, docs: Dict[str, np.ndarray], seq_len: int, per_shard: int) -> List[ShardJob]:
+    total = int((docs["ntok"] + 1).sum()) if len(docs["ntok"]) else 0
+    nwin = total // (seq_len + 1)
+    return [ShardJob(split, s, s * per_shard, min((s + 1) * per_shard, nwin))
+            for s in range(math.ceil(nwin / per_shard))]
+
+
+def doc_jobs(split: str, docs: Dict[str, np.ndarray], per_shard: int, per_doc_samples: np.ndarray) -> List[ShardJob]:
+    """Consecutive documents per shard until about ``per_shard`` samples (BERT, images)."""
+    jobs, lo, acc = [], 0, 0
+    for d, k in enumerate(per_doc_samples.tolist()):
+        acc += k
+        if acc >= per_shard:
+            jobs.append(ShardJob(split, len(jobs), lo, d + 1))
+            lo, acc = d + 1, 0
+    if lo < len(per_doc_samples):
+        jobs.append(ShardJob(split, len(jobs), lo, len(per_doc_samples)))
+    return jobs
+
+
+class ShardBuilder:
+    """Builds shards from the plan; caches memory-mapped part files per process."""
+
+    def __init__(self, work: Path, parts: List[str], docs: Dict[str, Dict[str, np.ndarray]], out_dir: Path,
+                 seq_len: int, per_shard: int, dtype: str, specials: Dict[str, int], seed: int,
+                 random_next_prob: float = 0.5) -> None:
+        self.work, self.parts, self.docs, self.out = work, parts, docs, out_dir
+        self.seq_len, self.per_shard, self.dtype, self.sp = seq_len, per_shard, dtype, specials
+        self.seed, self.p_random = seed, random_next_prob
+        self._mm: Dict[Tuple[int, str], np.ndarray] = {}
+        self._cum = {s: np.concatenate([[0], np.cumsum(d["ntok"] + 1)]) for s, d in docs.items()}
+        self._sent: Dict[int, np.ndarray] = {}
+
+    def _arr(self, part: int, kind: str) -> np.ndarray:
+        key = (part, kind)
+        if key not in self._mm:
+            if len(self._mm) > 64:
+                self._mm.clear()
+            self._mm[key] = np.load(self.work / "parts" / f"{self.parts[part]}.{kind}.npy", mmap_mode="r")
+        return self._mm[key]
+
+    def doc_tokens(self, split: str, d: int) -> np.ndarray:
+        D = self.docs[split]
+        o = int(D["off"][d])
+        return np.asarray(self._arr(int(D["part"][d]), "tokens")[o:o + int(D["ntok"][d])])
+
+    def write(self, job: ShardJob, kind: str) -> Dict[str, Any]:
+        return getattr(self, f"_{kind}")(job)
+
+    def _causal(self, job: ShardJob) -> Dict[str, Any]:
+        L, cum = self.seq_len + 1, self._cum[job.split]
+        a, b = job.lo * L, job.hi * L
+        d0 = int(np.searchsorted(cum, a, side="right")) - 1
+        d1 = int(np.searchsorted(cum, b, side="left"))
+        eos = np.array([self.sp["eos"]], dtype=np.uint32)
+        buf = np.concatenate([x for d in range(d0, d1) for x in (self.doc_tokens(job.split, d), eos)])
+        rows = buf[a - int(cum[d0]): b - int(cum[d0])].reshape(-1, L)
+        starts = int(((cum[:-1] >= a) & (cum[:-1] < b)).sum())
+        entry = write_shard(self.out / job.split, job.index, token_members(rows, job.lo, self.dtype), len(rows))
+        return {**entry, "num_documents": starts, "num_tokens": int(rows.size)}
+
+    def _images(self, job: ShardJob) -> Dict[str, Any]:
+        from dist_llm.data.shards import _npy_bytes
+
+        D, members = self.docs[job.split], []
+        for d in range(job.lo, job.hi):
+            shape = tuple(int(x) for x in D["shape"][d])
+            o = int(D["off"][d])
+            img = np.asarray(self._arr(int(D["part"][d]), "images")[o:o + int(np.prod(shape))]).reshape(shape)
+            key = sample_key(d)  # keys continue across shards
+            members += [(f"{key}.npy", _npy_bytes(img)), (f"{key}.cls", str(int(D["label"][d])).encode())]
+        n = job.hi - job.lo
+        entry = write_shard(self.out / job.split, job.index, members, n)
+        return {**entry, "num_documents": n, "num_tokens": 0}
+
+    def _bert(self, job: ShardJob) -> Dict[str, Any]:
+        from dist_llm.data.prepare.bert import pairs_for_document
+        from dist_llm.data.shards import _npy_bytes
+
+        members, n = [], 0
+        first = int(self._bert_offsets(job.split)[job.lo])
+        for d in range(job.lo, job.hi):
+            for toks, segs, nsp in pairs_for_document(self, job.split, d):
+                key = sample_key(first + n)
+                members += [(f"{key}.tokens.npy", _npy_bytes(toks.astype(self.dtype))),
+                            (f"{key}.segments.npy", _npy_bytes(segs)), (f"{key}.nsp.cls", str(nsp).encode())]
+                n += 1
+        entry = write_shard(self.out / job.split, job.index, members, n)
+        return {**entry, "num_documents": job.hi - job.lo, "num_tokens": n * self.seq_len}
+
+    def _bert_offsets(self, split: str) -> np.ndarray:
+        """Sample-key offset of each document: the sum of estimated pairs before it (stable)."""
+        from dist_llm.data.prepare.bert import max_pairs
+
+        return np.concatenate([[0], np.cumsum(max_pairs(self.docs[split], self.seq_len))])
+
+    def sentences(self, split: str, d: int) -> List[np.ndarray]:
+        D = self.docs[split]
+        p = int(D["part"][d])
+        if p not in self._sent:
+            if len(self._sent) > 64:
+                self._sent.clear()
+            with np.load(self.work / "parts" / f"{self.parts[p]}.meta.npz") as z:
+                self._sent[p] = z["sent_len"]
+        lens = self._sent[p][int(D["sent_start"][d]): int(D["sent_start"][d]) + int(D["nsent"][d])]
+        toks = self.doc_tokens(split, d)
+        return np.split(toks, np.cumsum(lens)[:-1]) if len(lens) else [toks]

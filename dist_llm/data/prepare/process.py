@@ -1,0 +1,261 @@
+"""Phase A, the parallel part: decode, clean, filter, hash and tokenize one chunk of records.
+
+A worker is a pure function of (config, tokenizer, chunk): it writes one *part* to
+``<output_dir>/.work/parts/<unit>-<chunk>`` and returns small counters. Because parts are
+named by their place in the input, not by who made them, any number of local processes or
+Ray tasks produce the same parts, and a re-run skips parts that exist (``.meta.npz`` is
+written last, atomically, so its presence means the part is complete).
+
+Part layout (one row per record, in input order):
+``rec, line, status, exact, bands[n, B], ntok, nbytes`` (+ ``nsent, sent_len`` for BERT,
+``shape, label`` for images) in ``.meta.npz``; the candidates' token ids (uint32) in
+``.tokens.npy``, or their pixels (uint8) in ``.images.npy``.
+``status``: 0 = kept so far (dedup decides later), 1 = malformed, 2 + k = dropped by filter k.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dist_llm.data.prepare.clean import make_cleaner
+from dist_llm.data.prepare.dedup import MinHasher, exact_hash, shingle_hashes, words_and_hashes
+from dist_llm.data.prepare.filters import QualityFilter
+from dist_llm.data.prepare.readers import Record
+
+CANDIDATE, MALFORMED, FILTERED0 = 0, 1, 2
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def part_name(unit: int, chunk: int) -> str:
+    return f"{unit:06d}-{chunk:05d}"
+
+
+def part_done(work: Path, name: str) -> bool:
+    return (work / "parts" / f"{name}.meta.npz").is_file()
+
+
+def _atomic_np(path: Path, save) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        save(f)
+    os.replace(tmp, path)
+
+
+@dataclass
+class WorkerContext:
+    """Everything a worker needs; picklable (sent once per process / Ray actor)."""
+
+    cfg: Any  # PrepareConfig
+    work_dir: str
+    tokenizer_meta: Optional[Dict[str, Any]]  # None while sampling text to train a tokenizer
+    tokenizer_dir: str
+    filter_rules: Tuple[str, ...] = ()
+
+
+class Worker:
+    def __init__(self, ctx: WorkerContext) -> None:
+        from dist_llm.data.tokenizer import load_tokenizer
+
+        self.ctx, cfg = ctx, ctx.cfg
+        self.cfg = cfg
+        self.clean = make_cleaner(cfg.clean.steps)
+        self.filter = QualityFilter(cfg.filter)
+        dd = cfg.dedup
+        self.minhash = MinHasher(dd.num_perm, dd.bands, dd.threshold, dd.seed) if dd.near else None
+        self.tok = load_tokenizer(ctx.tokenizer_meta, ctx.tokenizer_dir) if ctx.tokenizer_meta else None
+        self.parts = Path(ctx.work_dir) / "parts"
+        self.parts.mkdir(parents=True, exist_ok=True)
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _text(self, payload: Any, path: str) -> Tuple[Optional[str], str]:
+        """``(text, "")`` or ``(None, reason)`` for one raw record."""
+        if payload is None:
+            return None, "empty file"
+        fmt_json = path.lower().endswith((".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst"))
+        if isinstance(payload, tuple):  # parquet
+            kind, value = payload
+            if kind != "value":
+                return None, value
+            if not isinstance(value, str):
+                return None, f"field {self.cfg.input.text_field!r} is {type(value).__name__}, not text"
+            return value, ""
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"invalid UTF-8 at byte {e.start}"
+        if fmt_json or self.cfg.input.format == "jsonl":
+            try:
+                obj = json.loads(text)
+            except ValueError as e:
+                return None, f"broken JSON ({e.msg} at column {e.colno})"
+            field = self.cfg.input.text_field
+            if not isinstance(obj, dict) or field not in obj:
+                return None, f"missing text field {field!r}"
+            if not isinstance(obj[field], str):
+                return None, f"field {field!r} is {type(obj[field]).__name__}, not text"
+            return obj[field], ""
+        return text, ""
+
+    def texts(self, records: Sequence[Record], paths: Sequence[str]) -> List[Tuple[Optional[str], str]]:
+        """Cleaned text (or None and the reason) per record; used for tokenizer training too."""
+        out = []
+        for fi, _, _, payload in records:
+            text, why = self._text(payload, paths[fi])
+            out.append((None, why) if text is None else (self.clean(text), ""))
+        return out
+
+    # -- one chunk ----------------------------------------------------------------------------
+    def run_text(self, name: str, records: Sequence[Record], paths: Sequence[str]) -> Dict[str, Any]:
+        n = len(records)
+        status = np.zeros(n, dtype=np.int8)
+        exact = np.zeros(n, dtype=np.uint64)
+        nbytes = np.array([len(r[3]) if isinstance(r[3], (bytes, bytearray)) else 0 for r in records], np.int64)
+        malformed: List[Tuple[str, int, str]] = []
+        cand_idx: List[int] = []
+        cand_text: List[str] = []
+        shingles: List[np.ndarray] = []
+        rules = {r: i for i, r in enumerate(self.filter.rules)}
+        sw = self.cfg.dedup.shingle_words
+        for i, (text, why) in enumerate(self.texts(records, paths)):
+            fi, _, line, _ = records[i]
+            if text is None:
+                status[i] = MALFORMED
+                malformed.append((paths[fi], line, why))
+                continue
+            words, wh = words_and_hashes(text)
+            bad = self.filter.check(text, words, wh) if self.filter.enabled else None
+            if bad is None and not text:
+                bad = "empty_after_clean"
+                rules.setdefault(bad, len(rules))
+            if bad is not None:
+                status[i] = FILTERED0 + rules[bad]
+                continue
+            exact[i] = exact_hash(text)
+            cand_idx.append(i)
+            cand_text.append(text)
+            if self.minhash is not None:
+                shingles.append(shingle_hashes(wh, sw))
+        bands = np.zeros((n, self.minhash.bands if self.minhash else 0), dtype=np.uint64)
+        if self.minhash is not None and cand_idx:
+            bands[cand_idx] = self.minhash.band_keys(self.minhash.signatures(shingles))
+        ntok = np.zeros(n, dtype=np.int64)
+        arrays: Dict[str, np.ndarray] = {}
+        assert self.tok is not None
+        if self.cfg.pack.kind == "bert":
+            nsent = np.zeros(n, dtype=np.int64)
+            sents_all: List[str] = []
+            for i, t in zip(cand_idx, cand_text):
+                sents = [s for s in _SENTENCE.split(t) if s.strip()] or [t]
+                nsent[i] = len(sents)
+                sents_all.extend(sents)
+            enc = self.tok.encode_batch(sents_all)
+            sent_len = np.array([len(e) for e in enc], dtype=np.int64)
+            pos = 0
+            for i in cand_idx:
+                ntok[i] = int(sent_len[pos:pos + nsent[i]].sum())
+                pos += int(nsent[i])
+            arrays.update(nsent=nsent, sent_len=sent_len)
+        else:
+            enc = self.tok.encode_batch(cand_text)
+            ntok[cand_idx] = [len(e) for e in enc]
+        flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.uint32, count=int(ntok.sum()))
+        meta = dict(rec=np.array([r[1] for r in records], np.int64), line=np.array([r[2] for r in records], np.int64),
+                    fidx=np.array([r[0] for r in records], np.int64), status=status, exact=exact, bands=bands,
+                    ntok=ntok, nbytes=nbytes, **arrays,
+                    malformed=np.array(json.dumps(malformed)), rules=np.array(json.dumps(list(rules))))
+        self._save(name, "tokens", flat, meta)
+        return {"records": n, "bytes": int(nbytes.sum()), "candidates": len(cand_idx)}
+
+    def run_images(self, name: str, records: Sequence[Record], paths: Sequence[str]) -> Dict[str, Any]:
+        n = len(records)
+        status = np.zeros(n, dtype=np.int8)
+        exact = np.zeros(n, dtype=np.uint64)
+        shape = np.zeros((n, 3), dtype=np.int64)
+        label = np.full(n, -1, dtype=np.int64)
+        pixels: List[np.ndarray] = []
+        malformed: List[Tuple[str, int, str]] = []
+        size = self.cfg.pack.image_size
+        for i, (fi, _, line, payload) in enumerate(records):
+            try:
+                img, lab = payload if not isinstance(payload[0], str) else (_load_image(payload[0]), payload[1])
+                img = _as_hwc(np.asarray(img), size)
+            except Exception as e:  # any decoder failure is one malformed record, not a crash
+                status[i] = MALFORMED
+                malformed.append((paths[fi], line, f"unreadable image ({type(e).__name__}: {e})"))
+                continue
+            shape[i], label[i] = img.shape, int(lab)
+            exact[i] = int.from_bytes(hashlib.blake2b(img.tobytes(), digest_size=8).digest(), "little")
+            pixels.append(img.reshape(-1))
+        flat = np.concatenate(pixels) if pixels else np.zeros(0, np.uint8)
+        meta = dict(fidx=np.array([r[0] for r in records], np.int64), rec=np.array([r[1] for r in records], np.int64),
+                    line=np.array([r[2] for r in records], np.int64), status=status, exact=exact,
+                    bands=np.zeros((n, 0), np.uint64), shape=shape, label=label,
+                    ntok=shape.prod(axis=1) * (status == 0), nbytes=np.zeros(n, np.int64),
+                    malformed=np.array(json.dumps(malformed)), rules=np.array("[]"))
+        self._save(name, "images", flat, meta)
+        return {"records": n, "bytes": 0, "candidates": int((status == 0).sum())}
+
+    def _save(self, name: str, kind: str, flat: np.ndarray, meta: Dict[str, np.ndarray]) -> None:
+        _atomic_np(self.parts / f"{name}.{kind}.npy", lambda f: np.save(f, flat, allow_pickle=False))
+        _atomic_np(self.parts / f"{name}.meta.npz", lambda f: np.savez(f, **meta))
+
+
+def _load_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+
+
+def _as_hwc(img: np.ndarray, size: int) -> np.ndarray:
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"expected an HxW or HxWxC array, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {img.dtype}")
+    if size and img.shape[:2] != (size, size):
+        from PIL import Image
+
+        mode = "L" if img.shape[2] == 1 else "RGB"
+        im = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode).resize((size, size), Image.BILINEAR)
+        img = np.asarray(im).reshape(size, size, -1)
+    return np.ascontiguousarray(img)
+
+
+_WORKER: Optional[Worker] = None
+
+
+def init_worker(ctx: WorkerContext) -> None:
+    """Pool initializer: one Worker (tokenizer, MinHash tables) per process."""
+    global _WORKER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # processes are the parallelism
+    _WORKER = Worker(ctx)
+
+
+def run_chunk(args: Tuple[str, Sequence[Record], Sequence[str]]) -> Dict[str, Any]:
+    name, records, paths = args
+    assert _WORKER is not None, "init_worker was not called in this process"
+    if _WORKER.cfg.pack.kind == "image":
+        return _WORKER.run_images(name, records, paths)
+    return _WORKER.run_text(name, records, paths)
+
+
+def load_part(work: Path, name: str) -> Dict[str, Any]:
+    with np.load(work / "parts" / f"{name}.meta.npz") as z:
+        out = {k: z[k] for k in z.files}
+    out["malformed"] = json.loads(str(out["malformed"]))
+    out["rules"] = json.loads(str(out["rules"]))
+    return out
+
+
+__all__ = ["WorkerContext", "Worker", "init_worker", "run_chunk", "load_part", "part_name", "part_done"]

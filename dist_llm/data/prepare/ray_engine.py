@@ -1,0 +1,115 @@
+"""``engine=ray``: phases A and C of the pipeline as Ray Data jobs across a cluster.
+
+Phase A: a dataset of *units* (see readers.plan_units); an actor pool reads each unit itself
+(so reading is parallel across nodes, not funnelled through the driver), cleans, filters,
+hashes, tokenizes and writes its parts. Phase C: a dataset of shard jobs; actors build and write
+shards. Phase B (ordered dedup over metadata) stays on the driver. Parts and shards are named by
+position, so the output equals the local engine's byte for byte.
+
+Assumes ``output_dir`` is on storage every node can read and write (NFS, Lustre, a mounted
+bucket); on a single machine any path works. Ray is imported only when this engine is used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+
+class _UnitProcessor:
+    """Ray Data actor: reads units and writes their parts (skipping parts already on disk)."""
+
+    def __init__(self, ctx: Any, files: Sequence[Any], units: Sequence[Sequence[int]], labels: Optional[str]) -> None:
+        from dist_llm.data.prepare import process
+
+        process.init_worker(ctx)
+        self.ctx, self.files, self.units, self.labels = ctx, files, units, labels
+        self.paths = [f.path for f in files]
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
+        from dist_llm.data.prepare.process import part_done, part_name, run_chunk
+        from dist_llm.data.prepare.readers import read_unit
+
+        cfg, work = self.ctx.cfg, Path(self.ctx.work_dir)
+        out: Dict[str, List[Any]] = {"unit": [], "parts": [], "bytes": []}
+        for u in batch["unit"].tolist():
+            n, size = 0, 0
+            for k, records in read_unit(self.units[u], self.files, cfg.input.chunk_records, cfg.input.chunk_bytes,
+                                        cfg.input.text_field, self.labels):
+                name = part_name(u, k)
+                if not part_done(work, name):
+                    size += run_chunk((name, records, self.paths))["bytes"]
+                    n += 1
+            out["unit"].append(u)
+            out["parts"].append(n)
+            out["bytes"].append(size)
+        return out
+
+
+class _ShardWriterActor:
+    def __init__(self, builder: Any, kind: str) -> None:
+        self.builder, self.kind = builder, kind
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
+        import json
+
+        from dist_llm.data.prepare.pack import ShardJob
+
+        entries = []
+        for split, idx, lo, hi in zip(batch["split"].tolist(), batch["index"].tolist(), batch["lo"].tolist(),
+                                      batch["hi"].tolist()):
+            entries.append(json.dumps(self.builder.write(ShardJob(split, idx, lo, hi), self.kind)))
+        return {"split": list(batch["split"]), "index": list(batch["index"]), "entry": entries}
+
+
+class RayEngine:
+    """Same interface as the local engine, plus the unit- and shard-level Ray Data paths."""
+
+    def __init__(self, address: Optional[str], workers: int) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: Dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+            if address is None:  # a local Ray: its workers import this same checkout
+                root = str(Path(__file__).resolve().parents[3])
+                path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+                kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+            ray.init(**kwargs)
+        self.ray = ray
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or cpus
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+    def map_ordered_bounded(self, init: Callable, arg: Any, fn: Callable, tasks: Iterator[Any]) -> Iterator[Any]:
+        """Driver-side fallback (tokenizer training sample): small, sequential."""
+        init(arg)
+        for t in tasks:
+            yield fn(t)
+
+    def process_units(self, ctx: Any, files: Sequence[Any], units: Sequence[Sequence[int]],
+                      labels: Optional[str]) -> int:
+        ds = self.ray.data.from_items([{"unit": u} for u in range(len(units))], override_num_blocks=max(1, len(units)))
+        ds = ds.map_batches(_UnitProcessor, batch_size=1, concurrency=min(self.workers, max(1, len(units))),
+                            fn_constructor_args=(ctx, list(files), [list(u) for u in units], labels),
+                            num_cpus=1)
+        return sum(int(r["parts"]) for r in ds.iter_rows())
+
+    def write_shards(self, builder: Any, kind: str, jobs: Sequence[Any]) -> Iterator[tuple]:
+        import json
+
+        from dist_llm.data.prepare.pack import ShardJob
+
+        if not jobs:
+            return
+        items = [{"split": j.split, "index": j.index, "lo": j.lo, "hi": j.hi} for j in jobs]
+        ds = self.ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(_ShardWriterActor, batch_size=1, concurrency=min(self.workers, len(items)),
+                            fn_constructor_args=(builder, kind), num_cpus=1)
+        by_key = {(j.split, j.index): j for j in jobs}
+        for r in ds.iter_rows():
+            job = by_key[(str(r["split"]), int(r["index"]))]
+            yield ShardJob(job.split, job.index, job.lo, job.hi), json.loads(r["entry"])
