@@ -15,7 +15,12 @@ CONF = REPO / "conf"
 TRAIN_GROUPS = ("model", "data", "parallel", "optim", "train", "logging", "launcher", "experiment")
 # Options that need a value the user must supply (marked ??? in the YAML).
 REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight: 1.0}]"],
-            ("train", "demo"): ["model=demo"]}  # seq_len 128 needs the demo model's context
+            ("train", "demo"): ["model=demo"],  # seq_len 128 needs the demo model's context
+            # Megatron layouts need world = dp * tp * pp ranks (and 4 layers for pp=2 x vpp=2).
+            ("parallel", "tp2"): ["launcher.nproc=2"], ("parallel", "tp2_sp"): ["launcher.nproc=2"],
+            ("parallel", "pp2"): ["launcher.nproc=2"], ("parallel", "tp2_pp2"): ["launcher.nproc=4"],
+            ("parallel", "pp2_vpp2"): ["launcher.nproc=2", "model.n_layers=4"],
+            ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"]}
 
 
 def _options():

@@ -5,6 +5,8 @@ Layout of a run directory::
     checkpoints/step-00000040/        one committed checkpoint
         model.safetensors            full fp32 weights (rank 0)
         rank-00000.pt ...            per rank: optimizer partition, RNG states, loader state
+        sharded/                     engines that reshard (Megatron): weights + optimizer through
+                                     megatron.core.dist_checkpointing, loadable at another layout
         trainer.json                 step, tokens seen, best validation loss (rank 0)
         manifest.json                sha256 of every file, the config, versions; written last
     checkpoints/latest               name of the newest committed checkpoint
@@ -149,14 +151,17 @@ class CheckpointManager:
                    rank_file)
         with open(rank_file, "rb") as f:
             os.fsync(f.fileno())
+        if hasattr(engine, "save_sharded"):  # collective; inside tmp, so it commits with the rest
+            engine.save_sharded(tmp / "sharded")
         if crash_hook is not None:
             crash_hook()
         self.layout.barrier()
         if rank == 0:
             _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1, sort_keys=True))
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"format": "dist-llm-checkpoint/1", "step": step, "world_size": self.layout.world_size,
-                        "dp": self.layout.dp, "files": files, "config": config, "versions": versions()}
+                        "dp": self.layout.dp, "tp": getattr(self.layout, "tp", 1), "pp": getattr(self.layout, "pp", 1),
+                        "engine": type(engine).__name__, "files": files, "config": config, "versions": versions()}
             _write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
             _fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
@@ -206,22 +211,34 @@ class CheckpointManager:
     def load(self, path: Path, engine) -> tuple[Dict[str, Any], Dict[str, Any]]:
         """Restore engine + RNG; return (trainer state, this rank's loader state)."""
         manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("world_size") != self.layout.world_size:
+        lay = self.layout
+        tp, pp = getattr(lay, "tp", 1), getattr(lay, "pp", 1)
+        same_layout = (manifest.get("world_size"), manifest.get("tp", 1), manifest.get("pp", 1)) == (lay.world_size, tp, pp)
+        same_engine = manifest.get("engine", type(engine).__name__) == type(engine).__name__
+        sharded = hasattr(engine, "load_sharded") and (path / "sharded").is_dir() and same_engine
+        if not same_layout and not (sharded and getattr(engine, "reshardable", False)):
             raise CheckpointError(
-                f"checkpoint {path} was saved by {manifest.get('world_size')} ranks but this job has "
-                f"{self.layout.world_size}: resume with the same world size (optimizer partitions and "
-                f"data lanes are per rank)")
-        rank_name = f"rank-{self.layout.rank:05d}.pt"
-        for name in ("model.safetensors", rank_name, "trainer.json"):
+                f"checkpoint {path} was saved by {manifest.get('world_size')} ranks (tp={manifest.get('tp', 1)}, "
+                f"pp={manifest.get('pp', 1)}) but this job has {lay.world_size} (tp={tp}, pp={pp}): resume "
+                f"with the same layout (optimizer partitions are per rank), or use the megatron engine, whose "
+                f"checkpoints reshard")
+        # Same layout: this rank's own file (optimizer partition, RNG). Resharding: the loader state,
+        # which is the same on every rank and independent of dp, from rank 0's file.
+        rank_name = f"rank-{lay.rank:05d}.pt" if same_layout else "rank-00000.pt"
+        for name in (("model.safetensors",) if not sharded else ()) + (rank_name, "trainer.json"):
             want = manifest["files"].get(name)
             if want is None or _sha256(path / name) != want:
                 raise CheckpointError(f"checkpoint file {path / name} is missing or does not match its sha256 in "
                                       f"manifest.json (corrupt or partially copied); resume from another "
                                       f"checkpoint with train.resume=<path>")
-        engine.load_model_state_dict(load_file(str(path / "model.safetensors")))
+        if sharded:
+            engine.load_sharded(path / "sharded")
+        else:
+            engine.load_model_state_dict(load_file(str(path / "model.safetensors")))
         blob = torch.load(path / rank_name, map_location="cpu", weights_only=True)
-        engine.load_optimizer_state(blob["optimizer"])
-        restore_rng(blob["rng"])
+        if same_layout and same_engine:
+            engine.load_optimizer_state(blob["optimizer"])
+            restore_rng(blob["rng"])
         trainer_state = json.loads((path / "trainer.json").read_text())
         return trainer_state, blob["loader"]
 

@@ -11,7 +11,7 @@ from typing import List, Mapping, Optional
 from dist_llm.config.schema import JobConfig
 
 PRESETS = ("gpt2", "llama")
-ENGINES = ("deepspeed",)
+ENGINES = ("deepspeed", "megatron")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAYS = ("cosine", "linear", "constant")
 LOG_BACKENDS = ("wandb", "console", "none")
@@ -47,6 +47,42 @@ def planned_world_size(cfg: JobConfig, env: Optional[Mapping[str, str]] = None) 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     return world_size // max(cfg.parallel.tp * cfg.parallel.pp, 1)
+
+
+def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
+    """Layouts the Megatron engine supports (docs/parallelism.md explains each rule)."""
+    m, par, tr = cfg.model, cfg.parallel, cfg.train
+    p: List[str] = []
+    if par.tp > 1 and m.vocab_size % par.tp:
+        p.append(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={par.tp}: the embedding and "
+                 f"the LM head are split by vocabulary rows; pad model.vocab_size to a multiple of {par.tp}")
+    if par.sp and par.tp < 2:
+        p.append("parallel.sp=true needs parallel.tp >= 2: sequence parallelism splits the sequence over the "
+                 "tensor-parallel group")
+    if par.sp and par.tp > 1 and tr.seq_len % par.tp:
+        p.append(f"train.seq_len={tr.seq_len} is not divisible by parallel.tp={par.tp}, needed by parallel.sp=true")
+    if par.vpp > 1 and par.pp < 2:
+        p.append(f"parallel.vpp={par.vpp} needs parallel.pp >= 2: virtual stages interleave a pipeline")
+    mb = tr.micro_batch_size * max(dp, 1)
+    n_micro = tr.global_batch_size // mb if mb and tr.global_batch_size % mb == 0 else None
+    if par.vpp > 1 and par.pp > 1 and n_micro is not None and (n_micro < par.pp or n_micro % par.pp):
+        p.append(f"the interleaved schedule (parallel.vpp={par.vpp}) needs the micro-batches per step, "
+                 f"global_batch_size/(micro_batch_size*dp) = {n_micro}, to be a multiple of parallel.pp={par.pp}: "
+                 f"raise train.global_batch_size or lower train.micro_batch_size")
+    if par.pp > 1 and par.zero_stage not in (0, 1):
+        p.append(f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: pipeline stages accumulate whole "
+                 f"gradients over micro-batches, so only the optimizer state is sharded over DP; use "
+                 f"zero_stage=1 (or 0)")
+    if par.pp == 1 and par.zero_stage == 3:
+        p.append("parallel.zero_stage=3 with parallel.engine=megatron: ZeRO-3 partitions the weights that Megatron's "
+                 "tensor-parallel layers use directly; use zero_stage 1 or 2 (or the deepspeed engine for ZeRO-3)")
+    if par.offload_optimizer or par.offload_params:
+        p.append("parallel.offload_optimizer/offload_params are not supported by the megatron engine: use the "
+                 "deepspeed engine for CPU offload")
+    if par.precision == "fp16" or (par.precision == "bf16" and par.pp > 1):
+        p.append(f"parallel.precision={par.precision} with parallel.engine=megatron and pp={par.pp}: supported are "
+                 f"fp32, and bf16 with pp=1 (DeepSpeed keeps the fp32 master weights); fp16 loss scaling is not wired")
+    return p
 
 
 def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
@@ -96,12 +132,15 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                  f"world = dp*tp*pp must hold; use a world size that is a multiple of {model_par}")
     if par.tp > 1 and m.n_heads % par.tp:
         p.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={par.tp}: choose tp dividing the head count")
-    if par.pp > 1 and m.n_layers % (par.pp * par.vpp):
-        p.append(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={par.pp} x parallel.vpp={par.vpp}")
-    if par.engine == "deepspeed" and (par.tp > 1 or par.pp > 1 or par.sp):
-        p.append(f"parallel.tp={par.tp}, parallel.pp={par.pp}, parallel.sp={par.sp}: the deepspeed engine is "
-                 f"data-parallel only; tensor/pipeline/sequence parallelism need parallel.engine=megatron "
-                 f"(not available in this version) - set tp=1 pp=1 sp=false")
+    if m.n_layers % (max(par.pp, 1) * max(par.vpp, 1)):
+        p.append(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={par.pp} x parallel.vpp={par.vpp}: "
+                 f"every (virtual) pipeline stage holds the same number of layers")
+    if par.engine == "deepspeed" and (par.tp > 1 or par.pp > 1 or par.vpp > 1 or par.sp):
+        p.append(f"parallel.tp={par.tp}, parallel.pp={par.pp}, parallel.vpp={par.vpp}, parallel.sp={par.sp}: the "
+                 f"deepspeed engine is data-parallel only; tensor/pipeline/sequence parallelism need "
+                 f"parallel.engine=megatron (e.g. parallel=tp2)")
+    if par.engine == "megatron":
+        p.extend(_megatron_problems(cfg, dp))
     if par.offload_params and par.zero_stage != 3:
         p.append(f"parallel.offload_params=true needs parallel.zero_stage=3 (got {par.zero_stage})")
     if par.offload_optimizer and par.zero_stage == 0:

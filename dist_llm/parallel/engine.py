@@ -1,8 +1,13 @@
-"""The interface the trainer talks to. DeepSpeed (ZeRO data parallelism) implements it today;
-a Megatron-core engine (tensor/pipeline parallelism, ZeRO over the DP group) implements it next.
+"""The interface the trainer talks to. DeepSpeed (ZeRO data parallelism) and Megatron-core
+(tensor/pipeline parallelism, ZeRO over the DP group) implement it.
 
 The trainer never sees DeepSpeed or Megatron objects: it hands over micro-batches and a learning
 rate and gets numbers back, and it saves/loads state through these methods.
+
+Optional, for engines whose checkpoints reshard (the Megatron engine): ``save_sharded(dir)`` /
+``load_sharded(dir)`` (collective; the checkpoint manager calls them inside the step's tmp
+directory before the commit, and prefers them on load) and ``reshardable = True`` (the manager
+then accepts a checkpoint saved at another world size / tp / pp).
 """
 from __future__ import annotations
 

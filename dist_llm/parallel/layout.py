@@ -1,7 +1,9 @@
 """The parallel layout: the one object that owns ranks, device and process groups.
 
 It is built once per process after validation, passed explicitly to whoever needs it (engine,
-trainer, checkpointing), and never stored in a module global.
+trainer, checkpointing), and never stored in a module global. For the Megatron engine it also
+initialises ``megatron.core.parallel_state`` (Megatron reads its groups from there) and keeps the
+resulting groups; rank order is Megatron's ``tp-dp-pp``: ``rank = tp_rank + tp*(dp_rank + dp*pp_rank)``.
 """
 from __future__ import annotations
 
@@ -28,11 +30,46 @@ class ParallelLayout:
     device: torch.device
     backend: str
     dp_group: Optional[dist.ProcessGroup] = None  # None = the world group (data-parallel only)
+    vpp: int = 1
+    sp: bool = False
+    tp_group: Optional[dist.ProcessGroup] = None  # set by init_megatron()
+    pp_group: Optional[dist.ProcessGroup] = None
+    mp_group: Optional[dist.ProcessGroup] = None  # tensor x pipeline ("model parallel")
 
     @property
     def dp_rank(self) -> int:
-        # With tp = pp = 1 every rank is its own data-parallel replica.
-        return self.rank // (self.tp * self.pp)
+        # Megatron's order tp-dp-pp; with tp = pp = 1 every rank is its own data-parallel replica.
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def init_megatron(self):
+        """Initialise ``megatron.core.parallel_state`` from this layout; returns that module."""
+        from dist_llm.parallel.megatron import import_parallel_state
+
+        ps = import_parallel_state()
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                                         virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
+                                         order="tp-cp-ep-dp-pp")
+        got = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+        if got != (self.tp_rank, self.dp_rank, self.pp_rank) or ps.get_data_parallel_world_size() != self.dp:
+            raise RuntimeError(f"megatron parallel_state disagrees with the layout: (tp, dp, pp) ranks {got}, "
+                               f"expected {(self.tp_rank, self.dp_rank, self.pp_rank)}")
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.mp_group = ps.get_model_parallel_group()
+        return ps
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
 
     @property
     def is_logging_rank(self) -> bool:
@@ -48,6 +85,11 @@ class ParallelLayout:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
+    def all_reduce_world_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -59,6 +101,46 @@ class ParallelLayout:
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+
+class DeepSpeedMPU:
+    """DeepSpeed's ``mpu`` interface over the layout's Megatron groups (pp = 1: the "model
+    parallel" group DeepSpeed knows is the tensor-parallel group). DeepSpeed uses it to shard ZeRO
+    state over the data-parallel group only and to count each tensor-parallel slice once in the
+    global gradient norm."""
+
+    def __init__(self, layout: ParallelLayout):
+        self.layout = layout
+
+    def get_model_parallel_group(self):
+        return self.layout.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.layout.mp_group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.layout.tp * self.layout.pp
+
+    def get_tensor_model_parallel_group(self):
+        return self.layout.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.layout.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.layout.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.layout.rank - self.layout.tp_rank
+
+    def get_data_parallel_group(self):
+        return self.layout.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.layout.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.layout.dp
 
 
 def pick_device(cfg: ParallelConfig, local_rank: int) -> torch.device:
@@ -89,10 +171,17 @@ def init_layout(cfg: ParallelConfig, le: LaunchEnv) -> ParallelLayout:
     if world != le.world_size:
         raise RuntimeError(f"process group has {world} ranks but the launcher reported {le.world_size}")
     tp, pp = cfg.tp, cfg.pp
-    return ParallelLayout(rank=rank, world_size=world, local_rank=le.local_rank, dp=world // (tp * pp),
-                          tp=tp, pp=pp, device=device, backend=backend)
+    layout = ParallelLayout(rank=rank, world_size=world, local_rank=le.local_rank, dp=world // (tp * pp),
+                            tp=tp, pp=pp, device=device, backend=backend, vpp=cfg.vpp, sp=cfg.sp)
+    if cfg.engine == "megatron":
+        layout.init_megatron()
+    return layout
 
 
 def shutdown() -> None:
+    import sys
+
+    if "megatron.core.parallel_state" in sys.modules:
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
