@@ -7,11 +7,17 @@ from dist_llm.launch.slurm_requeue import current_job_id, requeue_current_job
 
 
 class FakeRunner:
-    def __init__(self, rc=0, stderr="", exc=None):
-        self.calls = []
-        self.rc, self.stderr, self.exc = rc, stderr, exc
+    """Fake scontrol: `show job` answers JobState=<state>; `calls` records the requeue calls."""
+
+    def __init__(self, rc=0, stderr="", exc=None, state="RUNNING"):
+        self.calls, self.shows = [], []
+        self.rc, self.stderr, self.exc, self.state = rc, stderr, exc, state
 
     def __call__(self, cmd, **kw):
+        assert isinstance(cmd, list) and not kw.get("shell")
+        if cmd[:3] == ["scontrol", "show", "job"]:
+            self.shows.append(cmd)
+            return subprocess.CompletedProcess(cmd, 0, f"JobId={cmd[3]} JobName=x\n   JobState={self.state} Reason=None", "")
         self.calls.append((cmd, kw))
         if self.exc:
             raise self.exc
@@ -76,3 +82,25 @@ def test_scontrol_failure_and_missing_binary_return_false():
     assert requeue_current_job({"SLURM_JOB_ID": "5"}, runner=FakeRunner(exc=FileNotFoundError("scontrol"))) is False
     assert requeue_current_job({"SLURM_JOB_ID": "5"},
                                runner=FakeRunner(exc=subprocess.TimeoutExpired("scontrol", 1))) is False
+
+
+def test_cancelled_job_is_not_requeued():
+    """scancel sends SIGTERM, which the trainer treats as a preemption: a job that is being
+    cancelled must not be requeued."""
+    for state in ("COMPLETING", "CANCELLED", "PREEMPTED", "TIMEOUT"):
+        r = FakeRunner(state=state)
+        assert requeue_current_job({"SLURM_JOB_ID": "9"}, runner=r) is False
+        assert r.calls == [] and r.shows == [["scontrol", "show", "job", "9"]]
+    r = FakeRunner(state="RUNNING")
+    assert requeue_current_job({"SLURM_JOB_ID": "9"}, runner=r) is True and len(r.calls) == 1
+
+
+def test_unreadable_state_still_requeues():
+    def runner(cmd, **kw):
+        if cmd[1] == "show":
+            raise subprocess.TimeoutExpired(cmd, 1)
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    calls = []
+    assert requeue_current_job({"SLURM_JOB_ID": "9"}, runner=runner) is True
+    assert calls == [["scontrol", "requeue", "9"]]

@@ -203,7 +203,7 @@ def test_usr1_is_forwarded_to_the_step_and_exit_code_kept(tmp_path):
     assert time.time() - t0 < 5
     assert p.returncode == EXIT_PREEMPTED, err
     assert (out / "got_usr1").read_text() == str([signal.SIGUSR1.value])
-    assert "forwarding to the training step" in err and "exited for requeue" in err
+    assert "forwarding to the training step" in err and "exited with the preemption code 85" in err
 
 
 def test_fixed_master_port(tmp_path):

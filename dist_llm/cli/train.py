@@ -50,6 +50,11 @@ def launch(cfg) -> int:
         if code == 0 and (run_dir / "summary.json").is_file():
             print_summary(json.loads((run_dir / "summary.json").read_text()))
         return code
+    if cfg.launcher.kind == "ray" and "RANK" not in os.environ:
+        # The driver of a Ray job: Ray Train starts the ranks (and restarts them on failure).
+        from dist_llm.submit.ray_job import train_with_ray
+
+        return 0 if train_with_ray(cfg).error is None else 1
     return _run_here(cfg)
 
 

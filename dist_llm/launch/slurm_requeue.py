@@ -55,6 +55,17 @@ def _max_requeues(env: Mapping[str, str], max_requeues: Optional[int]) -> int:
     return DEFAULT_MAX_REQUEUES
 
 
+def _job_state(job_id: str, runner, timeout_s: float) -> Optional[str]:
+    """``JobState`` from ``scontrol show job`` (None if it cannot be read)."""
+    try:
+        proc = runner(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                      timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\bJobState=(\S+)", getattr(proc, "stdout", "") or "")
+    return m.group(1) if m else None
+
+
 def requeue_current_job(env: Optional[Mapping[str, str]] = None,
                         runner: Callable[..., "subprocess.CompletedProcess"] = subprocess.run,
                         max_requeues: Optional[int] = None,
@@ -63,7 +74,9 @@ def requeue_current_job(env: Optional[Mapping[str, str]] = None,
 
     Returns False (and logs why) when not under Slurm, when the job id is malformed, when the
     job has already been restarted ``max_requeues`` times (argument, else
-    ``$DIST_LLM_MAX_REQUEUES``, else 3; a negative cap means unlimited), or when scontrol fails.
+    ``$DIST_LLM_MAX_REQUEUES``, else 3; a negative cap means unlimited), when ``scontrol show
+    job`` says the job is not RUNNING (``scancel`` also sends SIGTERM and leaves the job
+    COMPLETING: a cancelled job must not come back), or when scontrol fails.
     Never raises for those cases: the caller still exits with ``EXIT_PREEMPTED`` and the
     checkpoint is kept, so a manual resubmit resumes from it.
     """
@@ -87,6 +100,15 @@ def requeue_current_job(env: Optional[Mapping[str, str]] = None,
     if cap >= 0 and restarts >= cap:
         log.warning("slurm_requeue: job %s was already restarted %d time(s) (cap %d); not requeueing. "
                     "Resubmit by hand to resume from the last checkpoint.", job_id, restarts, cap)
+        return False
+
+    state = _job_state(job_id, runner, timeout_s)
+    if state is not None and state != "RUNNING":
+        # `scancel` sends SIGTERM, which the trainer also treats as a preemption; the job is then
+        # COMPLETING/CANCELLED and must stay cancelled (Slurm would accept the requeue and run it
+        # again). A scheduler preemption (PreemptMode=REQUEUE) requeues the job by itself.
+        log.warning("slurm_requeue: job %s is %s, not RUNNING (cancelled, or already being ended or "
+                    "requeued by Slurm); not requeueing", job_id, state)
         return False
 
     cmd = ["scontrol", "requeue", job_id]

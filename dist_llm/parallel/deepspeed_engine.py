@@ -88,12 +88,27 @@ def _overlay(saved: Any, live: Any) -> Any:
     return saved
 
 
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-loading its shared-memory comm op on CPU.
+
+    The op only speeds up inference all-reduce, but loading it takes a file lock under
+    ~/.cache/torch_extensions in every process; a rank killed inside that window leaves the lock
+    behind and every later DeepSpeed job on the machine waits on it forever. Training does not
+    use the op, so it is marked unavailable (DeepSpeed then falls back to torch.distributed).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     def __init__(self, cfg: JobConfig, model: nn.Module, layout: ParallelLayout):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if layout.device.type == "cpu" else "cuda")
         import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
 
         self._ds = deepspeed
+        if layout.device.type == "cpu":
+            _skip_shm_comm_op()
         self.cfg = cfg
         self.layout = layout
         self.stage = cfg.parallel.zero_stage

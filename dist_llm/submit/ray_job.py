@@ -29,8 +29,9 @@ from dist_llm.config.schema import JobConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_ID_ENV = "DIST_LLM_JOB_ID"
 # Never uploaded with the working directory (Ray caps a working_dir package at a few hundred MB).
-WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "runs", "outputs", "multirun", "data", "wandb",
-                        "__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".gl", "*.pt", "*.safetensors"]
+# gitignore syntax: a leading "/" anchors at the working dir (plain "data" would also drop dist_llm/data).
+WORKING_DIR_EXCLUDES = ["/.git", "/.venv", "/venv", "/runs", "/outputs", "/multirun", "/data", "/wandb",
+                        "__pycache__", "*.egg-info", ".pytest_cache", "/.whl", "/.gl", "*.pt", "*.safetensors"]
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -61,10 +62,12 @@ def _train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     os.environ["DIST_LLM_LAUNCHER"] = "ray"
     import ray.train
 
-    from dist_llm.config.store import job_config_from_yaml
+    from omegaconf import OmegaConf
+
+    from dist_llm.config.store import to_job_config
     from dist_llm.train.run import run_training
 
-    cfg = job_config_from_yaml(loop_cfg["config_path"])
+    cfg = to_job_config(OmegaConf.create(loop_cfg["config"]))
     summary = run_training(cfg)
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     ray.train.report(metrics)
@@ -77,7 +80,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dist_llm.config.store import save_job_config
+    from dist_llm.config.store import job_config_to_dict, save_job_config
     from dist_llm.train.run import run_dir_for
 
     la = cfg.launcher
@@ -99,7 +102,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_per_worker,
-        train_loop_config={"job_id": job_id, "config_path": str(config_path)},
+        train_loop_config={"job_id": job_id, "config": job_config_to_dict(cfg)},
         torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
         scaling_config=ScalingConfig(num_workers=la.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

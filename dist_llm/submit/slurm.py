@@ -219,7 +219,7 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
         '    kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned for a trap: keep waiting',
         "done",
         f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then',
-        '    echo "[dist-llm] training saved a checkpoint and exited for requeue (code $rc)" >&2',
+        '    echo "[dist-llm] training saved a checkpoint and exited with the preemption code $rc" >&2',
         "else",
         '    echo "[dist-llm] training step ended with code $rc" >&2',
         "fi",

@@ -42,6 +42,14 @@ def _unavailable(var: str, reason: str):
     pytest.skip(reason)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _slurm_up() -> bool:
     if not shutil.which("sinfo"):
         return False
@@ -89,6 +97,7 @@ def ray_cluster():
         _unavailable("DIST_LLM_RAY", "the `ray` command is not installed (pip install 'ray[train]')")
     state = Path(tempfile.mkdtemp(prefix="dist-llm-ray-"))
     env = {**os.environ, "RAY_LOCAL_DIR": str(state), "RAY_LOCAL_CPUS": "2",
+           "RAY_LOCAL_PORT": str(_free_port()), "RAY_LOCAL_DASHBOARD_PORT": str(_free_port()),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     t0 = time.time()
     r = subprocess.run(["bash", str(REPO / "ray_jobs" / "start_local_cluster.sh")], capture_output=True,

@@ -25,20 +25,16 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.2):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def wait_ended(job_id: str, timeout: float = 300.0, kick_pending: bool = True) -> dict:
-    """Wait for the job to end. A requeued job waits ``cred_expire`` seconds before it may run
-    again; ``kick_pending`` asks slurmctld to start a pending job now (1-2 s instead of 11-16 s)."""
+def wait_ended(job_id: str, timeout: float = 300.0) -> dict:
+    """Wait for the job to end (a requeued job runs again after ``cred_expire`` = 10 s plus a
+    scheduling pass; `scontrol update StartTime=now` is *not* used to hurry it: started too early,
+    slurmd refuses the job with "Job credential revoked" and it FAILS)."""
     end = time.time() + timeout
-    last_kick = 0.0
     info: dict = {}
     while time.time() < end:
         info = job_info(job_id)
-        state = info.get("JobState", "UNKNOWN")
-        if state in ENDED:
+        if info.get("JobState", "UNKNOWN") in ENDED:
             return info
-        if kick_pending and state == "PENDING" and time.time() - last_kick > 2:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-            last_kick = time.time()
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f}s: {info}")
 

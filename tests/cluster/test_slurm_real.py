@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,23 +87,33 @@ def tiny_overrides(out_dir: Path, name: str, data_dir: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def tiny_jobs(slurm_cluster, tmp_path_factory):
-    """Three tiny training jobs, submitted together (world size 2 each):
-    ref  - 1 node x 2 tasks, uninterrupted;   multi - 2 nodes x 1 task, uninterrupted;
-    pre  - 1 node x 2 tasks, preempted with `scancel --batch --signal=USR1` mid-run."""
-    from dist_llm.config.store import compose
+def corpus(tmp_path_factory):
     from dist_llm.data import build_stdlib_corpus
 
-    tmp = tmp_path_factory.mktemp("slurm-train")
-    data_dir = tmp / "stdlib"
+    data_dir = tmp_path_factory.mktemp("corpus") / "stdlib"
     build_stdlib_corpus(data_dir, 32)  # once, before the jobs (they would race to build it)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_jobs(slurm_cluster, corpus, tmp_path_factory):
+    """Tiny training jobs, submitted together:
+    ref  - 1 node x 2 tasks, uninterrupted;   multi - 2 nodes x 1 task, uninterrupted;
+    pre  - 1 node x 2 tasks, preempted with `scancel --batch --signal=USR1` mid-run;
+    cancel - 1 task, cancelled with a plain `scancel` mid-run (must stay cancelled)."""
+    from dist_llm.config.store import compose
+
+    tmp = tmp_path_factory.mktemp("slurm-train")
+    data_dir = corpus
     out = tmp / "runs"
-    shapes = {"ref": (1, 2), "multi": (2, 1), "pre": (1, 2)}
+    shapes = {"ref": (1, 2), "multi": (2, 1), "pre": (1, 2), "cancel": (1, 1)}
     jobs, run_dirs = {}, {}
     t0 = time.time()
     for name, (nodes, tpn) in shapes.items():
         ov = tiny_overrides(out, name, data_dir) + [f"launcher.nodes={nodes}", f"launcher.tasks_per_node={tpn}",
                                                      "launcher.time=10", "launcher.cpus_per_task=1"]
+        if name == "cancel":
+            ov.append("train.max_steps=100000")
         cfg = compose(ov + ["launcher=slurm"])
         jobs[name] = submit_slurm(cfg, ov, python=sys.executable, stdout=QUIET)
         run_dirs[name] = out / f"{name}-{jobs[name]}"
@@ -113,11 +124,18 @@ def tiny_jobs(slurm_cluster, tmp_path_factory):
                    180, "the preempt job to train", poll=0.05)
         seen = max(losses(pre_dir), default=0)
         subprocess.run(["scancel", "--batch", "--signal=USR1", pre], check=True)
+        # a plain `scancel` (SIGTERM to the ranks, which also save) must not turn into a requeue
+        cancel, cancel_dir = jobs["cancel"], run_dirs["cancel"]
+        wait_until(lambda: len(losses(cancel_dir)) >= 2 or job_info(cancel).get("JobState") in ("FAILED",),
+                   180, "the cancel job to train", poll=0.1)
+        subprocess.run(["scancel", cancel], check=True)
         infos = {name: wait_ended(job, 300) for name, job in jobs.items()}
+        time.sleep(3)  # a wrongly requeued job would be PENDING/RUNNING again by now
+        infos["cancel"] = job_info(cancel)
     except BaseException:
         subprocess.run(["scancel", *jobs.values()], capture_output=True)
         raise
-    print(f"[tiny_jobs] 3 jobs done in {time.time() - t0:.1f}s; signal sent at step {seen}", file=sys.stderr)
+    print(f"[tiny_jobs] 4 jobs done in {time.time() - t0:.1f}s; signal sent at step {seen}", file=sys.stderr)
     return {"jobs": jobs, "dirs": run_dirs, "infos": infos, "signal_step": seen}
 
 
@@ -149,13 +167,39 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tiny_jobs):
     assert info.get("Restarts") == "1", info
     assert "forwarding to the training step" in logs
     assert f"job {tiny_jobs['jobs']['pre']} restart 1:" in logs
-    saved = [s for s in committed_steps(run_dir) if s not in (25, MAX_STEPS)]
-    # the preemption checkpoint (unless the signal landed exactly on step 25)
-    assert saved or "saving a checkpoint at step 25" in logs, (committed_steps(run_dir), logs)
-    pre_step = saved[0] if saved else 25
+    m = re.search(r"\[rank 0\] .*saving a checkpoint at step (\d+)", logs)
+    assert m, logs
+    pre_step = int(m.group(1))
+    assert re.search(rf"\[rank 0\] .*resumed from \S+step-{pre_step:08d} at step {pre_step}", logs), logs
+    assert "requeued job" in logs
+    # saved after the signal and before the end (metrics.jsonl lags the ranks, so no tighter bound)
     assert tiny_jobs["signal_step"] <= pre_step < MAX_STEPS
     ref, pre = losses(tiny_jobs["dirs"]["ref"]), losses(run_dir)
     diffs = {s: abs(ref[s] - pre[s]) for s in ref}
     assert max(diffs.values()) <= 1e-6, {s: d for s, d in diffs.items() if d > 1e-6}
     print(f"preempted at step {pre_step} (signal sent after step {tiny_jobs['signal_step']}); "
           f"max |loss diff| {max(diffs.values()):.2e}", file=sys.stderr)
+
+
+def test_handwritten_example_script_trains(slurm_cluster, corpus, tmp_path):
+    """slurm/train_gpt_1node.sbatch as a user would submit it (from the repository root, extra
+    Hydra overrides after the script name) ends COMPLETED with a committed checkpoint."""
+    out = tmp_path / "runs"
+    ov = tiny_overrides(out, "example", corpus) + ["train.max_steps=6", "train.ckpt_every=3"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out",
+                        str(REPO / "slurm" / "train_gpt_1node.sbatch"), *ov],
+                       cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    job = r.stdout.strip().split(";")[0]
+    info = wait_ended(job, 300)
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert info["JobState"] == "COMPLETED", log[-6000:]
+    run_dir = out / f"example-{job}"
+    assert committed_steps(run_dir)[-1] == 6, log[-6000:]
+    assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_plain_scancel_is_not_turned_into_a_requeue(tiny_jobs):
+    info, logs = tiny_jobs["infos"]["cancel"], job_logs(tiny_jobs["dirs"]["cancel"])
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts") == "0", (info, logs)
+    assert "not RUNNING" in logs and "not requeueing" in logs, logs
