@@ -132,3 +132,33 @@ def test_planned_world_size_from_launchers():
 
 def test_conf_dir_exists():
     assert (CONF / "config.yaml").is_file() and Path(CONF).is_dir()
+
+
+# --- conf/prepare.yaml and its groups (dist-llm prepare) ---
+# Options that only make sense with a partner option, or need a user-supplied path.
+PREPARE_REQUIRED = {("input", "files"): ["input.paths=[{corpus}]"],
+                    ("input", "digits"): ["pack=image"],
+                    ("pack", "image"): ["input=digits"],
+                    ("pack", "bert"): ["tokenizer=bpe"],
+                    ("tokenizer", "file"): ["tokenizer.path={tok}", "tokenizer.eos_token='</s>'"]}
+
+
+def _prepare_options():
+    for group_dir in sorted((CONF / "prepare").iterdir()):
+        for f in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, f.stem
+
+
+@pytest.mark.parametrize("group,option", list(_prepare_options()))
+def test_every_prepare_config_composes_and_validates(group, option, tmp_path):
+    from dist_llm.config.prepare_schema import PrepareConfig, validate_prepare
+    from dist_llm.config.store import compose_prepare
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world\n")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    extra = [o.format(corpus=tmp_path / "corpus", tok=tmp_path / "tokenizer.json")
+             for o in PREPARE_REQUIRED.get((group, option), [])]
+    cfg = compose_prepare([f"{group}={option}", *extra])
+    assert isinstance(cfg, PrepareConfig)
+    validate_prepare(cfg)

@@ -20,7 +20,6 @@ Nothing is unpickled: weights are safetensors and rank files load with ``weights
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.fileio import fsync_dir, sha256_file, write_atomic
 from dist_llm.parallel.layout import ParallelLayout
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -42,31 +42,6 @@ STEP_RE = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -157,18 +132,18 @@ class CheckpointManager:
             crash_hook()
         self.layout.barrier()
         if rank == 0:
-            _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1, sort_keys=True))
-            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1, sort_keys=True))
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"format": "dist-llm-checkpoint/1", "step": step, "world_size": self.layout.world_size,
                         "dp": self.layout.dp, "tp": getattr(self.layout, "tp", 1), "pp": getattr(self.layout, "pp", 1),
                         "engine": type(engine).__name__, "files": files, "config": config, "versions": versions()}
-            _write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
+            write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+            fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / "latest", name + "\n")
+            fsync_dir(self.root)
+            write_atomic(self.root / "latest", name + "\n")
             self._prune(keep=final)
         self.layout.barrier()
         return final
@@ -186,7 +161,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-            _write_atomic(tmp / "info.json", json.dumps({"step": step, "val_loss": val_loss}))
+            write_atomic(tmp / "info.json", json.dumps({"step": step, "val_loss": val_loss}))
             if best.exists():
                 os.rename(best, old)
             os.rename(tmp, best)
@@ -227,7 +202,7 @@ class CheckpointManager:
         rank_name = f"rank-{lay.rank:05d}.pt" if same_layout else "rank-00000.pt"
         for name in (("model.safetensors",) if not sharded else ()) + (rank_name, "trainer.json"):
             want = manifest["files"].get(name)
-            if want is None or _sha256(path / name) != want:
+            if want is None or sha256_file(path / name) != want:
                 raise CheckpointError(f"checkpoint file {path / name} is missing or does not match its sha256 in "
                                       f"manifest.json (corrupt or partially copied); resume from another "
                                       f"checkpoint with train.resume=<path>")

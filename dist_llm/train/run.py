@@ -82,7 +82,7 @@ def _peak_flops(cfg: JobConfig, device) -> float:
 
         dtype = {"fp32": "tf32"}.get(cfg.parallel.precision, cfg.parallel.precision)
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype) or 0.0
-    return measure_cpu_peak_flops(n=256, repeats=3)
+    return measure_cpu_peak_flops(n=512, repeats=7)
 
 
 def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict[str, Any]:
