@@ -159,6 +159,13 @@ def init_layout(cfg: ParallelConfig, le: LaunchEnv) -> ParallelLayout:
     """Start the process group (unless a launcher such as Ray Train already did) and describe it."""
     device = pick_device(cfg, le.local_rank)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and le.local_world_size > torch.cuda.device_count():
+        # NCCL refuses two ranks on one GPU. The mock cluster on a single GPU needs gloo, which
+        # DeepSpeed's collectives support only in part: say so instead of failing inside NCCL.
+        raise RuntimeError(
+            f"{le.local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s): NCCL needs one GPU "
+            f"per rank. Use launcher.nproc <= {torch.cuda.device_count()}, or parallel.device=cpu for a CPU mock "
+            f"cluster, or parallel.backend=gloo to try sharing the GPU (unverified)")
     if device.type == "cpu":
         # DeepSpeed picks its accelerator at import time; it must see this first.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
