@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ from dist_llm.config.store import compose_prepare
 from dist_llm.data import load_tokenizer, read_manifest
 from dist_llm.data.prepare import BadInputError, run_prepare
 from dist_llm.data.prepare.clean import make_cleaner
-from dist_llm.data.prepare.dedup import MinHasher, U64Set, shingle_hashes, words_and_hashes
-from dist_llm.data.prepare.filters import dup_ngram_fraction, top_ngram_fraction
+from dist_llm.data.prepare.dedup import (MinHasher, U64Set, chunk_shingles, shingle_hashes, word_table,
+                                         words_and_hashes)
+from dist_llm.data.prepare.filters import QualityFilter, alpha_counts, dup_ngram_fraction, top_ngram_fraction
 from dist_llm.data.shards import IMAGES_FORMAT
 
 GOOD = "the quick brown fox jumps over the lazy dog and keeps running far away"
@@ -113,6 +115,22 @@ def test_cleaning_steps() -> None:
         make_cleaner(["nfc", "lowercase"])
 
 
+def test_whitespace_shortcuts_change_nothing() -> None:
+    """normalize_whitespace skips substitutions that cannot match; the result must not change."""
+    from dist_llm.data.prepare import clean as C
+
+    def reference(text: str) -> str:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = C._ZERO_WIDTH.sub("", C._UNICODE_SPACES.sub(" ", text))
+        return C._BLANK_RUNS.sub("\n\n", C._TRAILING.sub("", text)).strip()
+
+    rng = np.random.default_rng(2)
+    alphabet = [" ", "\t", "\n", "\r", "a", "\u00a0", "\u200b", "\u3000", "\ufeff", "\x0b", "\x85", "\u2028", "\u00e9"]
+    for _ in range(20000):
+        s = "".join(alphabet[k] for k in rng.integers(0, len(alphabet), size=int(rng.integers(0, 14))))
+        assert C.normalize_whitespace(s) == reference(s), repr(s)
+
+
 def test_ngram_rules_and_minhash() -> None:
     words, wh = words_and_hashes("a b c a b c a b c x")
     lens = np.array([len(w) for w in words])
@@ -131,6 +149,64 @@ def test_ngram_rules_and_minhash() -> None:
     assert est(0, 1) > 0.85 and est(0, 2) < 0.05
     keys = mh.band_keys(sig)
     assert np.isin(keys[1], keys[0]).any() and not np.isin(keys[2], keys[0]).any()
+
+
+def _mixed_docs(n: int = 600) -> list:
+    """Documents from repetitive to unique, short and empty, ASCII and not: every rule fires."""
+    rng = np.random.default_rng(5)
+    docs = ["", " ", "a", "a a", "\u3000 x", "Caf\u00e9 na\u00efve \u00b2 \u0661 _ x1 \x1c y", "ab\n" * 12]
+    for i in range(n):
+        vocab = ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(1, 8))))
+                 for _ in range(int(rng.integers(1, 300)))]
+        words = [vocab[k] for k in rng.integers(0, len(vocab), size=int(rng.integers(0, 400)))]
+        if i % 7 == 0:
+            words = words[:10] * 4 + words
+        sep = "\n" if i % 5 == 0 else " "
+        docs.append(sep.join(words) + (" 12 34 \u00e9t\u00e9" if i % 3 == 0 else ""))
+    return docs
+
+
+def test_chunk_filters_equal_per_document_rules() -> None:
+    """check_many (whole chunk, vectorised) == check (one document) == the one-document functions."""
+    docs = _mixed_docs()
+    for s in docs[:50]:
+        want = (sum(len(w) for w in s.split()), sum(len(m) for m in re.findall(r"[^\W\d_]+", s)))
+        assert alpha_counts(s) == want
+    overrides = [["filter=gopher"],
+                 ["filter=gopher", "filter.min_chars=0", "filter.min_words=0", "filter.min_alpha_fraction=0",
+                  "filter.max_dup_line_fraction=1.0", "filter.top_ngram_n=[3,1,2]",
+                  "filter.top_ngram_max=[0.1,0.5,0.3]", "filter.dup_ngram_n=[7,2,5]",
+                  "filter.dup_ngram_max=[0.2,0.6,0.3]", "filter.blocklist=[ab]"]]
+    table = word_table(docs)
+    for ov in overrides:
+        f = QualityFilter(compose_prepare(["input=stdlib", *ov]).filter)
+        one = [f.check(d, *words_and_hashes(d)) for d in docs]
+        assert f.check_many(docs, table) == one
+        assert len(set(one)) >= 5  # the corpus exercises several rules
+    for i, d in enumerate(docs):
+        words, wh = words_and_hashes(d)
+        lens = np.array([len(w) for w in words], np.int64)
+        sub = table.take(np.array([i]))
+        assert (sub.hashes == wh).all() and (sub.lens == lens).all()
+    # the batched n-gram statistics themselves, against the one-document definitions
+    from dist_llm.data.prepare.filters import _Grams
+
+    for n in (1, 2, 3, 5):
+        top, dup = _Grams(table, n).top_fraction(), _Grams(table, n).dup_fraction()
+        for i, d in enumerate(docs):
+            words, wh = words_and_hashes(d)
+            lens = np.array([len(w) for w in words], np.int64)
+            assert top[i] == top_ngram_fraction(wh, lens, n) and dup[i] == dup_ngram_fraction(wh, lens, n)
+
+
+def test_chunk_minhash_equals_per_document() -> None:
+    docs = _mixed_docs(300)
+    mh = MinHasher(128, threshold=0.8)
+    for n in (1, 5):
+        want = mh.signatures([shingle_hashes(words_and_hashes(d)[1], n) for d in docs])
+        hv, starts = chunk_shingles(word_table(docs), n)
+        assert (mh.signatures_flat(hv, starts) == want).all()
+        assert (mh.signatures_flat(hv, starts, max_cells=128 * 40) == want).all()
 
 
 def test_u64set_matches_python_set() -> None:

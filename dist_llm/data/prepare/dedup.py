@@ -2,11 +2,14 @@
 
 * Exact: 64-bit BLAKE2b of the lower-cased, whitespace-collapsed text.
 * Near: MinHash over word shingles with banded LSH. Signatures are computed for a whole chunk
-  at once in NumPy (shingle hashes x permutations, then ``np.minimum.reduceat`` per document);
-  ``bench/prepare_bench.py`` measures this against ``datasketch``'s ``MinHash.update_batch``.
-  Permutations are multiply-add-shift hashes ``(a*h + b) mod 2^64 >> 32`` (a 2-universal
-  family, Dietzfelbinger 1996): the same quality as datasketch's ``(a*h + b) mod (2^61-1)`` for
-  MinHash, without a 64-bit modulo, which is most of NumPy's cost.
+  at once in NumPy (permutations x shingle hashes, then ``np.minimum.reduceat`` per document
+  along contiguous rows); ``bench/prepare_bench.py`` measures this against ``datasketch``'s
+  ``MinHash.update_batch``. Permutations are multiply-add-shift hashes
+  ``(a*h + b) mod 2^64 >> 32`` (a 2-universal family, Dietzfelbinger 1996): the same quality
+  as datasketch's ``(a*h + b) mod (2^61-1)`` for MinHash, without a 64-bit modulo, which is
+  most of NumPy's cost. The shift is monotone, so it is applied once to the minima, not to
+  every cell; and a minimum over a document's shingles does not care whether they repeat, so
+  the chunk path (:func:`chunk_shingles`) skips the per-document ``unique``.
 
 Decisions need the documents in input order (the first copy is kept, later ones dropped), so
 they run in one process over compact per-document keys, never over text: one exact key and
@@ -22,7 +25,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from dist_llm.data.prepare.filters import ngram_hashes
+from dist_llm.data.prepare.filters import _P, WordTable, ngram_hashes
 
 _MAX32 = np.uint64(0xFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -36,6 +39,18 @@ def words_and_hashes(text: str) -> Tuple[List[bytes], np.ndarray]:
     return words, np.array(list(map(zlib.crc32, words)), dtype=np.uint64)
 
 
+def word_table(texts: Sequence[str]) -> WordTable:
+    """:func:`words_and_hashes` of many documents as one :class:`WordTable`."""
+    words: List[bytes] = []
+    counts = np.zeros(len(texts) + 1, np.int64)
+    for i, text in enumerate(texts):
+        w = text.lower().encode("utf-8", "surrogatepass").split()
+        words += w
+        counts[i + 1] = len(w)
+    return WordTable(np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=len(words)),
+                     np.fromiter(map(len, words), dtype=np.int64, count=len(words)), np.cumsum(counts))
+
+
 def exact_hash(text: str) -> int:
     norm = " ".join(text.lower().split()).encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
@@ -45,6 +60,32 @@ def shingle_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
     """32-bit hashes of the distinct ``n``-word shingles; a short document is one shingle."""
     h = ngram_hashes(word_hashes, min(n, len(word_hashes))) if len(word_hashes) else np.zeros(1, np.uint64)
     return np.unique((h ^ (h >> np.uint64(32))) & _MAX32)
+
+
+def chunk_shingles(t: WordTable, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Every document's shingle hashes (as :func:`shingle_hashes`, but repeats kept) concatenated,
+    and each document's start: ``(values, starts)``, ``len(starts) = documents + 1``."""
+    L = np.diff(t.starts)
+    full = L >= n
+    m = np.where(full, L - n + 1, 1)  # a document shorter than n words is one shingle
+    starts = np.zeros(len(L) + 1, np.int64)
+    np.cumsum(m, out=starts[1:])
+    total = int(starts[-1])
+    vals = np.zeros(total, np.uint64)
+    if full.any():
+        pos = np.repeat(t.starts[:-1] - starts[:-1], m) + np.arange(total, dtype=np.int64)
+        slot = np.repeat(full, m)
+        vals[slot] = ngram_hashes(t.hashes, n)[pos[slot]]
+    short = np.flatnonzero(~full)
+    if len(short):
+        h = np.zeros(len(short), np.uint64)
+        first, ls = t.starts[short], L[short]
+        with np.errstate(over="ignore"):
+            for k in range(int(ls.max(initial=0))):  # the one ngram_hashes(words, len(words)) value
+                on = ls > k
+                h[on] = h[on] * _P + t.hashes[first[on] + k]
+        vals[starts[short]] = h
+    return (vals ^ (vals >> np.uint64(32))) & _MAX32, starts
 
 
 def lsh_params(threshold: float, num_perm: int) -> Tuple[int, int]:
@@ -71,22 +112,30 @@ class MinHasher:
         self.num_perm = num_perm
         self.bands, self.rows = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
 
-    def signatures(self, shingles: Sequence[np.ndarray], max_cells: int = 4_000_000) -> np.ndarray:
+    def signatures(self, shingles: Sequence[np.ndarray], max_cells: int = 1 << 20) -> np.ndarray:
         """``[len(shingles), num_perm]`` uint64 minima; work is blocked to bound memory."""
-        out = np.empty((len(shingles), self.num_perm), dtype=np.uint64)
+        starts = np.zeros(len(shingles) + 1, np.int64)
+        np.cumsum([len(s) for s in shingles], out=starts[1:])
+        hv = np.concatenate(shingles) if len(shingles) else np.zeros(0, np.uint64)
+        return self.signatures_flat(hv.astype(np.uint64, copy=False), starts, max_cells)
+
+    def signatures_flat(self, hv: np.ndarray, starts: np.ndarray, max_cells: int = 1 << 20) -> np.ndarray:
+        """Signatures of documents whose (non-empty) shingle lists are ``hv[starts[d]:starts[d+1]]``."""
+        D, P = len(starts) - 1, self.num_perm
+        out = np.empty((P, D), dtype=np.uint64)
+        a, b = self.a[:, None], self.b[:, None]
         i = 0
-        while i < len(shingles):
-            j, cells = i, 0
-            while j < len(shingles) and (j == i or cells + len(shingles[j]) * self.num_perm <= max_cells):
-                cells += len(shingles[j]) * self.num_perm
-                j += 1
-            hv = np.concatenate(shingles[i:j])
-            starts = np.cumsum([0] + [len(s) for s in shingles[i:j - 1]])
+        while i < D:  # documents [i, j): at most max_cells cells, at least one document
+            j = int(np.searchsorted(starts, starts[i] + max(max_cells // P, 1), side="right")) - 1
+            j = min(max(j, i + 1), D)
+            lo, hi = int(starts[i]), int(starts[j])
             with np.errstate(over="ignore"):
-                phv = (hv[:, None] * self.a + self.b) >> np.uint64(32)
-            out[i:j] = np.minimum.reduceat(phv, starts, axis=0)
+                cells = hv[None, lo:hi] * a  # (a*h + b) mod 2^64; the >> 32 is applied to the minima
+                cells += b
+            out[:, i:j] = np.minimum.reduceat(cells, starts[i:j] - lo, axis=1)
             i = j
-        return out
+        out >>= np.uint64(32)
+        return np.ascontiguousarray(out.T)
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """``[n, bands]`` uint64 keys; the band index is mixed in so one table serves all bands."""

@@ -1,8 +1,9 @@
 """Phase B (ordered dedup + split plan) and phase C (write one shard) of the pipeline.
 
 Phase B reads only the parts' small metadata, in input order, and decides per document:
-malformed / filtered / exact dup / near dup / kept-in-train / kept-in-val. It stores, per
-split, where every kept document's tokens live, so phase C can build any shard independently:
+malformed / filtered / exact dup / near dup / kept-in-train / kept-in-val (:func:`decide`).
+Once the kept documents are tokenized (phase A2), it stores, per split, where every kept
+document's tokens live (:func:`layout`), so phase C can build any shard independently:
 shard ``s`` of a causal split holds windows ``[s*S, (s+1)*S)`` of the EOS-joined token stream,
 whatever process writes it. That is what makes the writes parallel, resumable and identical.
 """
@@ -60,13 +61,26 @@ def _val_mask(exact: np.ndarray, seq: np.ndarray, val_fraction: float, val_every
     return u < val_fraction
 
 
-def plan(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, Dict[str, Dict[str, np.ndarray]]]:
-    """Phase B. Returns stats and, per split, the kept documents' locations (input order)."""
-    st = Stats()
-    dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image")
-    cols: Dict[str, Dict[str, List[np.ndarray]]] = {s: {} for s in SPLITS}
-    for pi, name in enumerate(parts):
-        m = load_part(work, name)
+@dataclass
+class Decision:
+    """Phase B's verdict on one part: which candidates it keeps and which of those go to val."""
+
+    keep: np.ndarray  # indices among the part's candidates (status == CANDIDATE), ascending
+    is_val: np.ndarray  # bool per kept candidate
+
+
+class Decider:
+    """Phase B, first half, one part at a time in input order: stats, ordered exact/near dedup
+    and the split, from metadata only (so it can run while later parts are still processed)."""
+
+    def __init__(self, cfg: Any, work: Path) -> None:
+        self.cfg, self.work = cfg, work
+        self.st = Stats()
+        self.dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image")
+
+    def add(self, name: str) -> Decision:
+        cfg, st = self.cfg, self.st
+        m = load_part(self.work, name)
         n = len(m["status"])
         seq = np.arange(st.records, st.records + n)
         st.records += n
@@ -78,39 +92,76 @@ def plan(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, Dict[str, Dict[
         for code, cnt in zip(*np.unique(m["status"][m["status"] >= FILTERED0], return_counts=True)):
             st.filtered[m["rules"][int(code) - FILTERED0]] += int(cnt)
         cand = np.nonzero(m["status"] == CANDIDATE)[0]
-        offs = np.concatenate([[0], np.cumsum(m["ntok"][cand])])[:-1]
-        codes = dd.decide(m["exact"][cand], m["bands"][cand]) if cfg.pack.kind != "image" or cfg.dedup.exact \
+        codes = self.dd.decide(m["exact"][cand], m["bands"][cand]) if cfg.pack.kind != "image" or cfg.dedup.exact \
             else np.zeros(len(cand), np.int8)
         st.exact_dups += int((codes == EXACT_DUP).sum())
         st.near_dups += int((codes == NEAR_DUP).sum())
-        keep = codes == 0
-        rows, offs = cand[keep], offs[keep]
+        keep = np.flatnonzero(codes == 0)
+        rows = cand[keep]
         is_val = _val_mask(m["exact"][rows], seq[rows], cfg.split.val_fraction, cfg.split.val_every)
-        sent_start = None
-        if "nsent" in m:
-            sent_start = np.concatenate([[0], np.cumsum(m["nsent"][cand])])[:-1][keep]
-        for split, sel in (("train", ~is_val), ("val", is_val)):
+        st.kept["train"] += int((~is_val).sum())
+        st.kept["val"] += int(is_val.sum())
+        return Decision(keep, is_val)
+
+    def finish(self) -> Stats:
+        """The stats; raises :class:`BadInputError` when too much input was malformed."""
+        st, cfg = self.st, self.cfg
+        if st.records and st.malformed / st.records > cfg.input.max_bad_fraction:
+            shown = "\n".join(f"    {e}" for e in st.malformed_examples[:20])
+            raise BadInputError(
+                f"{st.malformed} of {st.records} input records are malformed ({st.malformed / st.records:.1%} > "
+                f"input.max_bad_fraction={cfg.input.max_bad_fraction}); first ones:\n{shown}\nfix or remove "
+                f"these inputs, or raise input.max_bad_fraction to accept the loss")
+        return st
+
+
+def decide(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, List[Decision]]:
+    """Phase B, first half, over all parts (see :class:`Decider`)."""
+    d = Decider(cfg, work)
+    out = [d.add(name) for name in parts]
+    return d.finish(), out
+
+
+def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Phase B, second half (text: after phase A2 tokenized the kept documents): per split, where
+    every kept document's tokens (or pixels) live, in input order."""
+    cols: Dict[str, Dict[str, List[np.ndarray]]] = {s: {} for s in SPLITS}
+    image = cfg.pack.kind == "image"
+    for pi, (name, dec) in enumerate(zip(parts, decisions)):
+        if image:  # pixels of every candidate are in the part, in candidate order
+            m = load_part(work, name)
+            cand = np.nonzero(m["status"] == CANDIDATE)[0]
+            offs = np.concatenate([[0], np.cumsum(m["ntok"][cand])])[:-1][dec.keep]
+            rows = cand[dec.keep]
+            ntok = m["ntok"][rows]
+            nsent = sent_start = None
+        else:  # tokens of the kept documents only, in order
+            with np.load(work / "parts" / f"{name}.tok.npz") as z:
+                t = {k: z[k] for k in z.files}
+            ntok = t["ntok"]
+            offs = np.concatenate([[0], np.cumsum(ntok)])[:-1]
+            nsent = t.get("nsent")
+            sent_start = np.concatenate([[0], np.cumsum(nsent)])[:-1] if nsent is not None else None
+        for split, sel in (("train", ~dec.is_val), ("val", dec.is_val)):
             c = cols[split]
             k = int(sel.sum())
-            st.kept[split] += k
             c.setdefault("part", []).append(np.full(k, pi, np.int64))
             c.setdefault("off", []).append(offs[sel])
-            c.setdefault("ntok", []).append(m["ntok"][rows[sel]])
+            c.setdefault("ntok", []).append(ntok[sel])
             if sent_start is not None:
                 c.setdefault("sent_start", []).append(sent_start[sel])
-                c.setdefault("nsent", []).append(m["nsent"][rows[sel]])
-            if "shape" in m:
+                c.setdefault("nsent", []).append(nsent[sel])
+            if image:
                 c.setdefault("shape", []).append(m["shape"][rows[sel]])
                 c.setdefault("label", []).append(m["label"][rows[sel]])
                 c.setdefault("fidx", []).append(m["fidx"][rows[sel]])
-    if st.records and st.malformed / st.records > cfg.input.max_bad_fraction:
-        shown = "\n".join(f"    {e}" for e in st.malformed_examples[:20])
-        raise BadInputError(
-            f"{st.malformed} of {st.records} input records are malformed ({st.malformed / st.records:.1%} > "
-            f"input.max_bad_fraction={cfg.input.max_bad_fraction}); first ones:\n{shown}\nfix or remove "
-            f"these inputs, or raise input.max_bad_fraction to accept the loss")
-    out = {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()} for s, c in cols.items()}
-    return st, out
+    return {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()} for s, c in cols.items()}
+
+
+def plan(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, Dict[str, Dict[str, np.ndarray]]]:
+    """Phase B in one go, for parts that are complete (images, or text already tokenized)."""
+    st, decisions = decide(cfg, work, parts)
+    return st, layout(cfg, work, parts, decisions)
 
 
 # ---- phase C: one shard ----------------------------------------------------------------------
@@ -225,7 +276,7 @@ class ShardBuilder:
         if p not in self._sent:
             if len(self._sent) > 64:
                 self._sent.clear()
-            with np.load(self.work / "parts" / f"{self.parts[p]}.meta.npz") as z:
+            with np.load(self.work / "parts" / f"{self.parts[p]}.tok.npz") as z:
                 self._sent[p] = z["sent_len"]
         lens = self._sent[p][int(D["sent_start"][d]): int(D["sent_start"][d]) + int(D["nsent"][d])]
         toks = self.doc_tokens(split, d)

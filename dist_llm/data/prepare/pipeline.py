@@ -1,11 +1,12 @@
 """``dist-llm prepare``: raw text or images to cleaned, deduplicated, tokenized shards.
 
-Three phases, so that everything heavy is parallel and everything ordered is cheap:
+Phases, so that everything heavy is parallel and everything ordered is cheap:
 
-A. *process* (parallel): read chunks, decode, clean, filter, hash, MinHash, tokenize; each
-   chunk becomes a part file under ``<output_dir>/.work/parts`` (skipped when present).
-B. *plan* (one process, metadata only): exact/near dedup in input order, train/val split, and
-   where every kept document's tokens are.
+A. *process* (parallel): read chunks, decode, clean, filter, hash, MinHash; each chunk becomes
+   a part file under ``<output_dir>/.work/parts`` (skipped when present).
+B. *plan* (one process, metadata only): exact/near dedup in input order and the train/val
+   split; then (A2, parallel) the documents kept are tokenized, part by part (duplicates never
+   are), and the plan records where every kept document's tokens are.
 C. *write* (parallel): each shard is built from the plan alone and written atomically; a
    done-marker with its sha256 lets a re-run skip it.
 
@@ -21,6 +22,8 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -28,13 +31,15 @@ import numpy as np
 
 from dist_llm.config.prepare_schema import PrepareConfig, validate_prepare
 from dist_llm.data.prepare import pack as P
-from dist_llm.data.prepare.process import WorkerContext, init_worker, part_done, part_name, run_chunk
+from dist_llm.data.prepare.process import (WorkerContext, init_worker, part_done, part_name, part_tokenized, run_chunk,
+                                           run_tokenize)
 from dist_llm.data.prepare.readers import InputFile, discover, plan_units, read_unit, stdlib_files
 from dist_llm.data.prepare.tokenize import build_tokenizer, special_ids, vocab_size
 from dist_llm.data.shards import (FORMAT, IMAGES_FORMAT, MANIFEST, PAIRS_FORMAT, dtype_for_vocab, sha256_bytes,
                                   sha256_file, token_manifest, write_manifest)
 
 DATASET_FORMAT = "dist-llm-dataset/1"
+_WORK_FORMAT = "parts/2"  # the layout of .work/parts (text, then tokens after dedup); older work is discarded
 _RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work")
 
 
@@ -92,6 +97,16 @@ class LocalEngine:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         return mp.get_context(method).Pool(self.workers, initializer=init, initargs=(arg,))
 
+    @contextmanager
+    def session(self, init: Callable, arg: Any) -> Iterator[Any]:
+        """A pool (``apply_async(fn, args).get()``) whose workers ran ``init(arg)``; inline for 1 worker."""
+        if self.workers == 1:
+            init(arg)
+            yield _Inline()
+            return
+        with self._pool(init, arg) as pool:
+            yield pool
+
     def map_ordered_bounded(self, init: Callable, arg: Any, fn: Callable, tasks: Iterator[Any]) -> Iterator[Any]:
         """Results in task order, at most ``2 x workers`` tasks in flight (flat memory)."""
         if self.workers == 1:
@@ -99,8 +114,6 @@ class LocalEngine:
             for t in tasks:
                 yield fn(t)
             return
-        from collections import deque
-
         with self._pool(init, arg) as pool:
             q: deque = deque()
             for t in tasks:
@@ -109,6 +122,21 @@ class LocalEngine:
                     yield q.popleft().get()
             while q:
                 yield q.popleft().get()
+
+
+class _Lazy:
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def get(self) -> Any:
+        return self.fn(*self.args)
+
+
+class _Inline:
+    """``workers=1``: tasks run in this process, when their result is asked for (in order)."""
+
+    def apply_async(self, fn: Callable, args: tuple) -> _Lazy:
+        return _Lazy(fn, args)
 
 
 _BUILDER: Optional[P.ShardBuilder] = None
@@ -128,15 +156,14 @@ def _write_job(args: Tuple[P.ShardJob, str]) -> Tuple[P.ShardJob, Dict[str, Any]
 def _clean_chunk(t: Tuple[str, list, List[str]]) -> List[str]:
     """Cleaned, filter-passing texts of a chunk (tokenizer training input)."""
     from dist_llm.data.prepare import process as proc
-    from dist_llm.data.prepare.dedup import words_and_hashes
+    from dist_llm.data.prepare.dedup import word_table
 
     w = proc._WORKER
     assert w is not None
-    out = []
-    for text, _ in w.texts(t[1], t[2]):
-        if text and (not w.filter.enabled or w.filter.check(text, *words_and_hashes(text)) is None):
-            out.append(text)
-    return out
+    texts = [text for text, _ in w.texts(t[1], t[2]) if text]
+    if not w.filter.enabled:
+        return texts
+    return [text for text, bad in zip(texts, w.filter.check_many(texts, word_table(texts))) if bad is None]
 
 
 def _sample_texts(engine: Any, ctx: WorkerContext, chunks: Callable) -> Callable:
@@ -172,10 +199,11 @@ def run_prepare(cfg: PrepareConfig, stop_after: Optional[Tuple[str, int]] = None
     for s in P.SPLITS:  # a rebuild must not leave a stale, complete-looking split
         (out / s / MANIFEST).unlink(missing_ok=True)
     stamp = work / "fingerprint"
-    if stamp.is_file() and stamp.read_text() != fp:
+    work_id = f"{fp} {_WORK_FORMAT}"
+    if stamp.is_file() and stamp.read_text() != work_id:
         shutil.rmtree(work)  # an unfinished run of another config: its parts are useless
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fp)
+    stamp.write_text(work_id)
     if engine is None:
         if cfg.engine == "ray":
             from dist_llm.data.prepare.ray_engine import RayEngine
@@ -188,12 +216,17 @@ def run_prepare(cfg: PrepareConfig, stop_after: Optional[Tuple[str, int]] = None
     paths = [f.path for f in files]
     units = plan_units(files, cfg.input.chunk_records, cfg.input.chunk_bytes)
 
-    def chunks(skip_done: bool = True) -> Iterator[Tuple[str, list, List[str]]]:
+    def chunks(skip_done: bool = True, markers: bool = False) -> Iterator[Any]:
+        """``(name, records, paths)`` of the parts to make; with ``markers``, ``(name, records or
+        None)`` of every part in input order (None: already on disk)."""
         for u, unit in enumerate(units):
             for k, records in read_unit(unit, files, cfg.input.chunk_records, cfg.input.chunk_bytes,
                                         cfg.input.text_field, labels):
                 name = part_name(u, k)
-                if not (skip_done and part_done(work, name)):
+                done = skip_done and part_done(work, name)
+                if markers:
+                    yield name, None if done else records
+                elif not done:
                     yield name, records, paths
 
     base_ctx = WorkerContext(cfg=cfg, work_dir=str(work), tokenizer_meta=None, tokenizer_dir=str(out))
@@ -204,27 +237,61 @@ def run_prepare(cfg: PrepareConfig, stop_after: Optional[Tuple[str, int]] = None
     ctx = WorkerContext(cfg=cfg, work_dir=str(work), tokenizer_meta=tok_meta if cfg.pack.kind != "image" else None,
                         tokenizer_dir=str(out))
 
-    # Phase A
+    # Phase A (+ B's dedup decisions in input order + A2: tokenize what dedup keeps)
     total_bytes = sum(f.size for f in files)
     bar = _progress(cfg, total_bytes)
-    new_parts = 0
-    if hasattr(engine, "process_units"):  # Ray: workers read their own units
-        new_parts = engine.process_units(ctx, files, units, labels)
+    is_text = cfg.pack.kind != "image"
+    decider = P.Decider(cfg, work)
+    parts: List[str] = []
+    decisions: List[P.Decision] = []
+    t_a = t_b = time.time()
+    if hasattr(engine, "process_units"):  # Ray: workers read their own units; then the phases in turn
+        engine.process_units(ctx, files, units, labels)
+        parts = sorted(p.name[: -len(".meta.npz")] for p in (work / "parts").glob("*.meta.npz"))
+        t_a = time.time()
+        decisions = [decider.add(name) for name in parts]
+        t_b = time.time()
+        if is_text:
+            engine.tokenize_parts(ctx, [(n, d.keep) for n, d in zip(parts, decisions) if not part_tokenized(work, n)])
     else:
-        for res in engine.map_ordered_bounded(init_worker, ctx, run_chunk, chunks()):
-            new_parts += 1
-            if bar is not None:
-                bar.update(res["bytes"])
-                bar.set_postfix(docs=res["records"], refresh=False)
-            if stop_after and stop_after[0] == "parts" and new_parts >= stop_after[1]:
-                raise Interrupted(f"stopped after {new_parts} parts")
+        # One pool does both kinds of task: a part is decided as soon as it and every part before it
+        # are processed, and its tokenization is queued right away, behind the chunks in flight.
+        new_parts = 0
+        with engine.session(init_worker, ctx) as pool:
+            inflight: deque = deque()
+            tokenizing: List[Any] = []
+
+            def settle(name: str, res: Any) -> None:
+                nonlocal new_parts
+                if res is not None:
+                    r = res.get()
+                    new_parts += 1
+                    if bar is not None:
+                        bar.update(r["bytes"])
+                        bar.set_postfix(docs=r["records"], refresh=False)
+                    if stop_after and stop_after[0] == "parts" and new_parts >= stop_after[1]:
+                        raise Interrupted(f"stopped after {new_parts} parts")
+                d = decider.add(name)
+                parts.append(name)
+                decisions.append(d)
+                if is_text and not part_tokenized(work, name):
+                    tokenizing.append(pool.apply_async(run_tokenize, ((name, d.keep),)))
+
+            for name, records in chunks(skip_done=True, markers=True):
+                res = None if records is None else pool.apply_async(run_chunk, ((name, records, paths),))
+                inflight.append((name, res))
+                while len(inflight) > 2 * engine.workers:
+                    settle(*inflight.popleft())
+            while inflight:
+                settle(*inflight.popleft())
+            t_a = t_b = time.time()
+            for job in tokenizing:
+                job.get()
     if bar is not None:
         bar.close()
-    parts = sorted(p.name[: -len(".meta.npz")] for p in (work / "parts").glob("*.meta.npz"))
-    t_a = time.time()
-
-    # Phase B
-    stats, docs = P.plan(cfg, work, parts)
+    stats = decider.finish()
+    t_a2 = time.time()
+    docs = P.layout(cfg, work, parts, decisions)
     if cfg.pack.kind == "image":
         _check_image_shapes(docs, paths)
     kind, seq, S = cfg.pack.kind, cfg.pack.seq_len, cfg.pack.samples_per_shard
@@ -299,7 +366,9 @@ def run_prepare(cfg: PrepareConfig, stop_after: Optional[Tuple[str, int]] = None
         write_manifest(out / split, m)
         result["splits"][split] = {k: m.get(k) for k in ("num_samples", "num_tokens")} | {
             "shards": len(shards), "documents": stats.kept[split]}
-    result["seconds"] = {"process": round(t_a - t0, 3), "total": round(time.time() - t0, 3)}
+    # Local engine: dedup and tokenization overlap phase A; "tokenize" is the wait after it.
+    result["seconds"] = {"process": round(t_a - t0, 3), "dedup": round(t_b - t_a, 3), "tokenize": round(t_a2 - t_b, 3),
+                         "total": round(time.time() - t0, 3)}
     result["throughput_mb_s"] = round(stats.bytes / 1e6 / max(time.time() - t0, 1e-9), 3)
     text = json.dumps(result, sort_keys=True, indent=1) + "\n"
     tmp = out / (MANIFEST + ".tmp")

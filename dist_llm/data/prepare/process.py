@@ -1,4 +1,5 @@
-"""Phase A, the parallel part: decode, clean, filter, hash and tokenize one chunk of records.
+"""Phase A, the parallel part: decode, clean, filter and hash one chunk of records; and, once
+dedup has decided (phase B), tokenize the documents a part keeps (phase A2).
 
 A worker is a pure function of (config, tokenizer, chunk): it writes one *part* to
 ``<output_dir>/.work/parts/<unit>-<chunk>`` and returns small counters. Because parts are
@@ -7,18 +8,22 @@ Ray tasks produce the same parts, and a re-run skips parts that exist (``.meta.n
 written last, atomically, so its presence means the part is complete).
 
 Part layout (one row per record, in input order):
-``rec, line, status, exact, bands[n, B], ntok, nbytes`` (+ ``nsent, sent_len`` for BERT,
-``shape, label`` for images) in ``.meta.npz``; the candidates' token ids (uint32) in
-``.tokens.npy``, or their pixels (uint8) in ``.images.npy``.
+``rec, line, status, exact, bands[n, B], nbytes, text_off`` in ``.meta.npz`` and the
+candidates' cleaned text (UTF-8, concatenated, ``text_off`` cuts it) in ``.text.npy``; images
+instead keep ``shape, label, ntok`` in the meta and their pixels (uint8) in ``.images.npy``.
 ``status``: 0 = kept so far (dedup decides later), 1 = malformed, 2 + k = dropped by filter k.
+
+Tokenizing after dedup, not before, means exact and near duplicates (often a third of a web
+crawl) are never tokenized. Phase A2 writes, per part, the kept documents' token ids (uint32)
+in ``.tokens.npy`` and ``ntok`` (+ ``nsent, sent_len`` for BERT) in ``.tok.npz``, last.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dist_llm.data.prepare.clean import make_cleaner
-from dist_llm.data.prepare.dedup import MinHasher, exact_hash, shingle_hashes, words_and_hashes
+from dist_llm.data.prepare.dedup import MinHasher, chunk_shingles, exact_hash, word_table
 from dist_llm.data.prepare.filters import QualityFilter
 from dist_llm.data.prepare.readers import Record
 
@@ -40,6 +45,10 @@ def part_name(unit: int, chunk: int) -> str:
 
 def part_done(work: Path, name: str) -> bool:
     return (work / "parts" / f"{name}.meta.npz").is_file()
+
+
+def part_tokenized(work: Path, name: str) -> bool:
+    return (work / "parts" / f"{name}.tok.npz").is_file()
 
 
 def _atomic_np(path: Path, save) -> None:
@@ -119,19 +128,24 @@ class Worker:
         exact = np.zeros(n, dtype=np.uint64)
         nbytes = np.array([len(r[3]) if isinstance(r[3], (bytes, bytearray)) else 0 for r in records], np.int64)
         malformed: List[Tuple[str, int, str]] = []
-        cand_idx: List[int] = []
-        cand_text: List[str] = []
-        shingles: List[np.ndarray] = []
         rules = {r: i for i, r in enumerate(self.filter.rules)}
-        sw = self.cfg.dedup.shingle_words
+        ok: List[int] = []
+        ok_text: List[str] = []
         for i, (text, why) in enumerate(self.texts(records, paths)):
-            fi, _, line, _ = records[i]
             if text is None:
                 status[i] = MALFORMED
+                fi, _, line, _ = records[i]
                 malformed.append((paths[fi], line, why))
-                continue
-            words, wh = words_and_hashes(text)
-            bad = self.filter.check(text, words, wh) if self.filter.enabled else None
+            else:
+                ok.append(i)
+                ok_text.append(text)
+        # Words, filters and shingles for the whole chunk at once (vectorised across documents).
+        words = word_table(ok_text)
+        verdicts = self.filter.check_many(ok_text, words) if self.filter.enabled else [None] * len(ok)
+        cand_idx: List[int] = []
+        cand_text: List[str] = []
+        cand_rows: List[int] = []
+        for j, (i, text, bad) in enumerate(zip(ok, ok_text, verdicts)):
             if bad is None and not text:
                 bad = "empty_after_clean"
                 rules.setdefault(bad, len(rules))
@@ -141,38 +155,51 @@ class Worker:
             exact[i] = exact_hash(text)
             cand_idx.append(i)
             cand_text.append(text)
-            if self.minhash is not None:
-                shingles.append(shingle_hashes(wh, sw))
+            cand_rows.append(j)
         bands = np.zeros((n, self.minhash.bands if self.minhash else 0), dtype=np.uint64)
         if self.minhash is not None and cand_idx:
-            bands[cand_idx] = self.minhash.band_keys(self.minhash.signatures(shingles))
-        ntok = np.zeros(n, dtype=np.int64)
-        arrays: Dict[str, np.ndarray] = {}
-        assert self.tok is not None
-        if self.cfg.pack.kind == "bert":
-            nsent = np.zeros(n, dtype=np.int64)
-            sents_all: List[str] = []
-            for i, t in zip(cand_idx, cand_text):
-                sents = [s for s in _SENTENCE.split(t) if s.strip()] or [t]
-                nsent[i] = len(sents)
-                sents_all.extend(sents)
-            enc = self.tok.encode_batch(sents_all)
-            sent_len = np.array([len(e) for e in enc], dtype=np.int64)
-            pos = 0
-            for i in cand_idx:
-                ntok[i] = int(sent_len[pos:pos + nsent[i]].sum())
-                pos += int(nsent[i])
-            arrays.update(nsent=nsent, sent_len=sent_len)
-        else:
-            enc = self.tok.encode_batch(cand_text)
-            ntok[cand_idx] = [len(e) for e in enc]
-        flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.uint32, count=int(ntok.sum()))
+            hv, starts = chunk_shingles(words.take(np.array(cand_rows, np.int64)), self.cfg.dedup.shingle_words)
+            bands[cand_idx] = self.minhash.band_keys(self.minhash.signatures_flat(hv, starts))
+        encoded = [t.encode("utf-8", "surrogatepass") for t in cand_text]
+        blob = b"".join(encoded)
+        text_off = np.zeros(len(cand_text) + 1, np.int64)
+        np.cumsum(list(map(len, encoded)), out=text_off[1:])
         meta = dict(rec=np.array([r[1] for r in records], np.int64), line=np.array([r[2] for r in records], np.int64),
                     fidx=np.array([r[0] for r in records], np.int64), status=status, exact=exact, bands=bands,
-                    ntok=ntok, nbytes=nbytes, **arrays,
+                    nbytes=nbytes, text_off=text_off,
                     malformed=np.array(json.dumps(malformed)), rules=np.array(json.dumps(list(rules))))
-        self._save(name, "tokens", flat, meta)
+        self._save(name, "text", np.frombuffer(blob, np.uint8) if blob else np.zeros(0, np.uint8), meta)
         return {"records": n, "bytes": int(nbytes.sum()), "candidates": len(cand_idx)}
+
+    def run_tokenize(self, name: str, keep: np.ndarray) -> Dict[str, Any]:
+        """Phase A2: tokenize the candidates ``keep`` (indices among the part's candidates, ascending)."""
+        assert self.tok is not None
+        parts = self.parts
+        with np.load(parts / f"{name}.meta.npz") as z:
+            off = z["text_off"]
+        blob = np.load(parts / f"{name}.text.npy").tobytes()
+        o = off.tolist()
+        texts = [blob[o[k]:o[k + 1]].decode("utf-8", "surrogatepass") for k in keep.tolist()]
+        arrays: Dict[str, np.ndarray] = {}
+        if self.cfg.pack.kind == "bert":
+            nsent = np.zeros(len(texts), dtype=np.int64)
+            sents_all: List[str] = []
+            for j, t in enumerate(texts):
+                sents = [x for x in _SENTENCE.split(t) if x.strip()] or [t]
+                nsent[j] = len(sents)
+                sents_all.extend(sents)
+            flat, sent_len = _flatten(self.tok.encode_batch(sents_all))
+            bounds = np.zeros(len(texts) + 1, np.int64)
+            np.cumsum(nsent, out=bounds[1:])
+            csum = np.zeros(len(sent_len) + 1, np.int64)
+            np.cumsum(sent_len, out=csum[1:])
+            ntok = csum[bounds[1:]] - csum[bounds[:-1]]
+            arrays.update(nsent=nsent, sent_len=sent_len)
+        else:
+            flat, ntok = _flatten(self.tok.encode_batch(texts))
+        _atomic_np(parts / f"{name}.tokens.npy", lambda f: np.save(f, flat, allow_pickle=False))
+        _atomic_np(parts / f"{name}.tok.npz", lambda f: np.savez(f, ntok=ntok, **arrays))
+        return {"documents": len(texts), "tokens": int(ntok.sum())}
 
     def run_images(self, name: str, records: Sequence[Record], paths: Sequence[str]) -> Dict[str, Any]:
         n = len(records)
@@ -206,6 +233,17 @@ class Worker:
     def _save(self, name: str, kind: str, flat: np.ndarray, meta: Dict[str, np.ndarray]) -> None:
         _atomic_np(self.parts / f"{name}.{kind}.npy", lambda f: np.save(f, flat, allow_pickle=False))
         _atomic_np(self.parts / f"{name}.meta.npz", lambda f: np.savez(f, **meta))
+
+
+def _flatten(enc: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Token id lists as one uint32 array and their lengths (array.extend: a C loop per list)."""
+    buf = array("I") if array("I").itemsize == 4 else array("L")
+    lens = np.zeros(len(enc), np.int64)
+    for k, ids in enumerate(enc):
+        buf.extend(ids)
+        lens[k] = len(ids)
+    flat = np.frombuffer(buf, dtype=np.uint32) if len(buf) else np.zeros(0, np.uint32)
+    return flat, lens
 
 
 def _load_image(path: str) -> np.ndarray:
@@ -242,6 +280,11 @@ def init_worker(ctx: WorkerContext) -> None:
     _WORKER = Worker(ctx)
 
 
+def run_tokenize(args: Tuple[str, np.ndarray]) -> Dict[str, Any]:
+    assert _WORKER is not None, "init_worker was not called in this process"
+    return _WORKER.run_tokenize(*args)
+
+
 def run_chunk(args: Tuple[str, Sequence[Record], Sequence[str]]) -> Dict[str, Any]:
     name, records, paths = args
     assert _WORKER is not None, "init_worker was not called in this process"
@@ -258,4 +301,5 @@ def load_part(work: Path, name: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["WorkerContext", "Worker", "init_worker", "run_chunk", "load_part", "part_name", "part_done"]
+__all__ = ["WorkerContext", "Worker", "init_worker", "run_chunk", "run_tokenize", "load_part", "part_name", "part_done",
+           "part_tokenized"]

@@ -2,8 +2,9 @@
 
 Phase A: a dataset of *units* (see readers.plan_units); an actor pool reads each unit itself
 (so reading is parallel across nodes, not funnelled through the driver), cleans, filters,
-hashes, tokenizes and writes its parts. Phase C: a dataset of shard jobs; actors build and write
-shards. Phase B (ordered dedup over metadata) stays on the driver. Parts and shards are named by
+hashes and writes its parts. Phase A2: a dataset of parts; actors tokenize the documents that
+dedup kept. Phase C: a dataset of shard jobs; actors build and write shards. Phase B (ordered
+dedup over metadata) stays on the driver. Parts and shards are named by
 position, so the output equals the local engine's byte for byte.
 
 Assumes ``output_dir`` is on storage every node can read and write (NFS, Lustre, a mounted
@@ -46,6 +47,23 @@ class _UnitProcessor:
             out["parts"].append(n)
             out["bytes"].append(size)
         return out
+
+
+class _PartTokenizer:
+    """Ray Data actor: tokenizes the kept documents of parts (phase A2)."""
+
+    def __init__(self, ctx: Any) -> None:
+        from dist_llm.data.prepare import process
+
+        process.init_worker(ctx)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
+        from dist_llm.data.prepare.process import run_tokenize
+
+        names = [str(n) for n in batch["name"]]
+        for name, keep in zip(names, batch["keep"]):
+            run_tokenize((name, np.asarray(keep, dtype=np.int64)))
+        return {"name": names}
 
 
 class _ShardWriterActor:
@@ -97,6 +115,16 @@ class RayEngine:
                             fn_constructor_args=(ctx, list(files), [list(u) for u in units], labels),
                             num_cpus=1)
         return sum(int(r["parts"]) for r in ds.iter_rows())
+
+    def tokenize_parts(self, ctx: Any, tasks: Sequence[tuple]) -> None:
+        if not tasks:
+            return
+        items = [{"name": name, "keep": [int(k) for k in keep]} for name, keep in tasks]
+        ds = self.ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(_PartTokenizer, batch_size=1, concurrency=min(self.workers, len(items)),
+                            fn_constructor_args=(ctx,), num_cpus=1)
+        for _ in ds.iter_rows():
+            pass
 
     def write_shards(self, builder: Any, kind: str, jobs: Sequence[Any]) -> Iterator[tuple]:
         import json
