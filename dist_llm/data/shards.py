@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from dist_llm.fileio import sha256_file, write_atomic  # noqa: F401 - sha256_file is re-exported
+
 FORMAT = "dist-llm-tokens/1"
 PAIRS_FORMAT = "dist-llm-pairs/1"
 IMAGES_FORMAT = "dist-llm-images/1"
@@ -61,14 +63,6 @@ def shard_name(index: int) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -93,15 +87,6 @@ def _tar_bytes(members: List[tuple]) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def sample_key(index: int) -> str:
     """The tar member stem of the ``index``-th sample of a split (global over its shards)."""
     return f"{index:010d}"
@@ -117,7 +102,7 @@ def write_shard(split_dir: PathLike, index: int, members: List[tuple], num_sampl
     """Atomically write shard ``index`` of ``split_dir``; returns its manifest entry."""
     file = shard_name(index)
     data = _tar_bytes(members)
-    _atomic_write(Path(split_dir) / file, data)
+    write_atomic(Path(split_dir) / file, data)
     return {"file": file, "num_samples": int(num_samples), "sha256": sha256_bytes(data)}
 
 
@@ -129,7 +114,7 @@ def write_manifest(split_dir: PathLike, manifest: Dict[str, Any]) -> None:
         if old.name not in keep:
             old.unlink()
     text = json.dumps(manifest, sort_keys=True, indent=1) + "\n"
-    _atomic_write(d / MANIFEST, text.encode("utf-8"))
+    write_atomic(d / MANIFEST, text.encode("utf-8"))
 
 
 def token_manifest(seq_len: int, vocab_size: int, eos_id: Optional[int], shards: List[Dict[str, Any]],
