@@ -132,12 +132,13 @@ class DeepSpeedEngine:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)
+        # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             loss = self._loss(mb)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().float().cpu().double()
+            total += loss.detach().double()
         self.layout.all_reduce_sum(total)
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else math.nan
@@ -147,9 +148,9 @@ class DeepSpeedEngine:
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
         self.engine.eval()
         try:
-            total = torch.zeros(2, dtype=torch.float64)
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
             for mb in micro_batches:
-                total[0] += self._loss(mb).float().cpu().double() * mb.shape[0]
+                total[0] += self._loss(mb).double() * mb.shape[0]
                 total[1] += mb.shape[0]
             self.layout.all_reduce_sum(total)
         finally:
