@@ -51,31 +51,10 @@ def tokenizer_file(inp: Path, out: Path) -> Path:
     return out
 
 
-def plain_loop(inp: Path, tok_path: Path, out: Path) -> float:
-    """The baseline: one process, one document at a time, no cleaning, filtering or dedup."""
-    from tokenizers import Tokenizer
-
-    from dist_llm.data.shards import ShardWriter
-
-    t0 = time.perf_counter()
-    tok = Tokenizer.from_file(str(tok_path))
-    eos = tok.token_to_id("<|eos|>")
-    buf: list = []
-    L = SEQ + 1
-    with ShardWriter(out, SEQ, tok.get_vocab_size(), PER_SHARD, eos_id=eos) as w:
-        for p in sorted(inp.glob("*.jsonl")):
-            with open(p, encoding="utf-8") as f:
-                for line in f:
-                    buf.extend(tok.encode(json.loads(line)["text"], add_special_tokens=False).ids)
-                    buf.append(eos)
-                    while len(buf) >= L:
-                        w.add(np.array(buf[:L]))
-                        del buf[:L]
-    return time.perf_counter() - t0
-
-
-def plain_loop_batched(inp: Path, tok_path: Path, out: Path, batch: int = 1000) -> float:
-    """The same loop with ``encode_batch_fast`` per ``batch`` documents, Rust threads off (one core)."""
+def plain_loop(inp: Path, tok_path: Path, out: Path, batch: int = 0) -> float:
+    """The baseline: one process, no cleaning, filtering or dedup. ``batch=0`` encodes one
+    document at a time; ``batch=N`` uses ``encode_batch_fast`` per N documents with the
+    tokenizer's Rust threads off (still one core)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
@@ -87,8 +66,8 @@ def plain_loop_batched(inp: Path, tok_path: Path, out: Path, batch: int = 1000) 
     buf: list = []
     L = SEQ + 1
     with ShardWriter(out, SEQ, tok.get_vocab_size(), PER_SHARD, eos_id=eos) as w:
-        def encode(texts: list) -> None:
-            for e in tok.encode_batch_fast(texts, add_special_tokens=False):
+        def emit(encodings) -> None:
+            for e in encodings:
                 buf.extend(e.ids)
                 buf.append(eos)
                 while len(buf) >= L:
@@ -99,11 +78,16 @@ def plain_loop_batched(inp: Path, tok_path: Path, out: Path, batch: int = 1000) 
         for p in sorted(inp.glob("*.jsonl")):
             with open(p, encoding="utf-8") as f:
                 for line in f:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
+                    if not batch:
+                        emit([tok.encode(text, add_special_tokens=False)])
+                        continue
+                    texts.append(text)
                     if len(texts) >= batch:
-                        encode(texts)
+                        emit(tok.encode_batch_fast(texts, add_special_tokens=False))
                         texts = []
-        encode(texts)
+        if texts:
+            emit(tok.encode_batch_fast(texts, add_special_tokens=False))
     return time.perf_counter() - t0
 
 
@@ -171,7 +155,7 @@ def main() -> None:
         plain, batched, pipe, phases, last = [], [], [], [], {}
         for i in range(a.repeats):
             plain.append(plain_loop(t / "in", tok, t / f"plain{i}"))
-            batched.append(plain_loop_batched(t / "in", tok, t / f"batched{i}"))
+            batched.append(plain_loop(t / "in", tok, t / f"batched{i}", batch=1000))
             last = pipeline(t / "in", tok, t / f"pipe{i}", a.workers)
             pipe.append(last["seconds"])
             phases.append(last["phases"])

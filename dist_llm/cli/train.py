@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List
 
@@ -31,8 +32,6 @@ def _train_task(dcfg) -> None:
 
 
 def launch(cfg) -> int:
-    import os
-
     # The local launcher runs ranks as child processes even for nproc=1: a sweep then trains each
     # point in a fresh process (DeepSpeed keeps process-group state in module globals) and a
     # crashed rank cannot take the launcher down with it.
@@ -66,8 +65,6 @@ def _run_here(cfg) -> int:
         summary = run_training(cfg)
     except Preempted as e:
         return int(e.code)
-    import os
-
     if cfg.launcher.kind != "local" and os.environ.get("RANK", "0") == "0":
         print_summary(summary)
     return 0

@@ -24,19 +24,23 @@ GROUP_SCHEMAS = {
     "launcher": schema.LauncherConfig,
 }
 
-_registered = False
+_registered: set = set()
+
+
+def _register(root_name: str, root_node: Any, groups: dict) -> None:
+    """Store a primary schema and its ``<group>/<group>_schema`` nodes once per process."""
+    if root_name in _registered:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name=root_name, node=root_node)
+    for group, node in groups.items():
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    _registered.add(root_name)
 
 
 def register_configs() -> None:
     """Idempotent: the CLI and the tests both call it."""
-    global _registered
-    if _registered:
-        return
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=schema.JobConfig)
-    for group, node in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=node)
-    _registered = True
+    _register("job_schema", schema.JobConfig, GROUP_SCHEMAS)
 
 
 def default_config_dir() -> str:
@@ -62,21 +66,26 @@ def to_job_config(cfg: Any) -> schema.JobConfig:
     return obj
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config") -> schema.JobConfig:
-    """Compose ``conf/<config_name>.yaml`` with overrides, outside ``@hydra.main`` (tests, submit)."""
+def _compose_raw(config_name: str, overrides: list[str]):
+    """Hydra's compose API on ``conf/``, outside ``@hydra.main`` (tests, submit, bench)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_configs()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=default_config_dir(), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    return to_job_config(cfg)
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def job_config_to_dict(cfg: schema.JobConfig) -> dict:
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> schema.JobConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides into a typed :class:`JobConfig`."""
+    register_configs()
+    return to_job_config(_compose_raw(config_name, list(overrides or [])))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A typed config (job or prepare) as plain containers: W&B, manifests, Ray workers."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
@@ -99,26 +108,17 @@ PREPARE_GROUP_SCHEMAS = {
     "split": "SplitConfig",
 }
 
-_prepare_registered = False
-
-
 def register_prepare_configs() -> None:
-    """Register ``prepare_schema`` and the ``<group>/<group>_schema`` nodes (idempotent).
+    """Register ``prepare_schema`` and its group schemas (idempotent).
 
     The group YAMLs live under ``conf/prepare/``, which :func:`prepare_searchpath_override` adds
     to Hydra's search path, so ``dist-llm prepare filter=gopher`` picks conf/prepare/filter/gopher.yaml
     while the training config never sees these groups.
     """
-    global _prepare_registered
-    if _prepare_registered:
-        return
     from dist_llm.config import prepare_schema
 
-    cs = ConfigStore.instance()
-    cs.store(name="prepare_schema", node=prepare_schema.PrepareConfig)
-    for group, cls in PREPARE_GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=getattr(prepare_schema, cls))
-    _prepare_registered = True
+    _register("prepare_schema", prepare_schema.PrepareConfig,
+              {g: getattr(prepare_schema, cls) for g, cls in PREPARE_GROUP_SCHEMAS.items()})
 
 
 def prepare_searchpath_override() -> str:
@@ -141,19 +141,6 @@ def to_prepare_config(cfg: Any):
 
 
 def compose_prepare(overrides: list[str] | None = None):
-    """Compose ``conf/prepare.yaml`` with overrides, outside ``@hydra.main`` (tests, bench)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    """Compose ``conf/prepare.yaml`` with overrides into a typed ``PrepareConfig``."""
     register_prepare_configs()
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=default_config_dir(), version_base="1.3"):
-        cfg = hydra_compose(config_name="prepare",
-                            overrides=[prepare_searchpath_override(), *list(overrides or [])])
-    return to_prepare_config(cfg)
-
-
-def prepare_config_to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    return to_prepare_config(_compose_raw("prepare", [prepare_searchpath_override(), *list(overrides or [])]))

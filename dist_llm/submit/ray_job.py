@@ -80,7 +80,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dist_llm.config.store import job_config_to_dict, save_job_config
+    from dist_llm.config.store import config_to_dict, save_job_config
     from dist_llm.train.run import run_dir_for
 
     la = cfg.launcher
@@ -102,7 +102,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_per_worker,
-        train_loop_config={"job_id": job_id, "config": job_config_to_dict(cfg)},
+        train_loop_config={"job_id": job_id, "config": config_to_dict(cfg)},
         torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
         scaling_config=ScalingConfig(num_workers=la.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

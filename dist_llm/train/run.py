@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from dist_llm.config.schema import DatasetSource, JobConfig
-from dist_llm.config.store import job_config_to_dict
+from dist_llm.config.store import config_to_dict
 from dist_llm.config.validate import validate
 from dist_llm.launch.env import LaunchEnv, read_launch_env
 
@@ -129,7 +129,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
         engine = build_engine(cfg, model, layout)
         _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
 
-        config_dict = job_config_to_dict(cfg)
+        config_dict = config_to_dict(cfg)
         logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
         callbacks = [
             MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),

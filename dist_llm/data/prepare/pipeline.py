@@ -48,9 +48,9 @@ class Interrupted(RuntimeError):
 
 
 def config_dict(cfg: PrepareConfig) -> Dict[str, Any]:
-    from dist_llm.config.store import prepare_config_to_dict
+    from dist_llm.config.store import config_to_dict
 
-    return prepare_config_to_dict(cfg)
+    return config_to_dict(cfg)
 
 
 def output_fingerprint(cfg: PrepareConfig) -> str:
