@@ -39,13 +39,16 @@ from dist_llm.prepare.readers import InputFile, discover, image_classes, plan_un
 DATASET_FORMAT = "dist-llm-dataset/1"
 _WORK_FORMAT = "parts/2"  # the layout of .work/parts (text, then tokens after dedup); older work is discarded
 # Fields that do not change the output: not part of its fingerprint.
-_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work", "debug")
+_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work")
 
 
 def config_dict(cfg: PrepareConfig) -> Dict[str, Any]:
+    """The config as stored in the manifest; without ``debug`` (test-only fault injection)."""
     from dist_llm.config.store import config_to_dict
 
-    return config_to_dict(cfg)
+    d = config_to_dict(cfg)
+    d.pop("debug", None)
+    return d
 
 
 def output_fingerprint(cfg: PrepareConfig) -> str:
