@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
@@ -203,16 +204,27 @@ def _path_exists(p: str) -> bool:
 def validate_prepare(cfg: PrepareConfig) -> None:
     """Raise :class:`PrepareConfigError` naming every bad field, its value and a fix."""
     p: List[str] = []
-    inp, tok, pack, flt, dd, sp = cfg.input, cfg.tokenizer, cfg.pack, cfg.filter, cfg.dedup, cfg.split
+    for check in (_check_choices, _check_input, _check_pack_tokenizer, _check_filter_dedup, _check_run):
+        check(cfg, p)
+    if p:
+        raise PrepareConfigError(p)
 
+
+def _check_choices(cfg: PrepareConfig, p: List[str]) -> None:
+    inp, tok, pack = cfg.input, cfg.tokenizer, cfg.pack
     # Hydra rejects a bad choice while composing; this catches configs built in Python.
     for name, value, kind in (("input.format", inp.format, InputFormat), ("input.txt_mode", inp.txt_mode, TxtMode),
                               ("input.embedded", inp.embedded, EmbeddedInput),
                               ("tokenizer.kind", tok.kind, TokenizerKind), ("pack.kind", pack.kind, PackKind),
                               ("engine", cfg.engine, PrepareEngine), ("progress", cfg.progress, Progress),
                               *(("clean.steps entry", s, CleanStep) for s in cfg.clean.steps)):
-        if value not in kind._value2member_map_:
-            p.append(f"{name}='{value}' is not one of {[k.value for k in kind]}")
+        allowed = [k.value for k in kind]
+        if value not in allowed:
+            p.append(f"{name}='{value}' is not one of {allowed}")
+
+
+def _check_input(cfg: PrepareConfig, p: List[str]) -> None:
+    inp, pack = cfg.input, cfg.pack
     if inp.embedded == "none" and not inp.paths:
         p.append("input.paths is empty and input.embedded=none: name files, directories or globs, e.g. "
                  "input.paths='[corpus/*.jsonl]', or use input=stdlib / input=digits")
@@ -235,6 +247,10 @@ def validate_prepare(cfg: PrepareConfig) -> None:
         p.append(f"input.max_bad_fraction={inp.max_bad_fraction} must be in [0, 1]")
     if inp.chunk_records < 1 or inp.chunk_bytes < 1:
         p.append(f"input.chunk_records={inp.chunk_records} and input.chunk_bytes={inp.chunk_bytes} must be >= 1")
+
+
+def _check_pack_tokenizer(cfg: PrepareConfig, p: List[str]) -> None:
+    tok, pack = cfg.tokenizer, cfg.pack
     if pack.seq_len < 2:
         p.append(f"pack.seq_len={pack.seq_len} must be >= 2")
     if pack.samples_per_shard < 1:
@@ -258,6 +274,10 @@ def validate_prepare(cfg: PrepareConfig) -> None:
         p.append(f"tokenizer.vocab_size={tok.vocab_size} must be >= 262 (256 bytes + 6 specials) for bpe")
     if tok.train_max_bytes < 1:
         p.append(f"tokenizer.train_max_bytes={tok.train_max_bytes} must be >= 1")
+
+
+def _check_filter_dedup(cfg: PrepareConfig, p: List[str]) -> None:
+    flt, dd = cfg.filter, cfg.dedup
     if not 0.0 < dd.threshold < 1.0:
         p.append(f"dedup.threshold={dd.threshold} must be in (0, 1), e.g. 0.8")
     if dd.num_perm < 2 or dd.shingle_words < 1:
@@ -279,12 +299,14 @@ def validate_prepare(cfg: PrepareConfig) -> None:
     if flt.max_words and flt.max_words < flt.min_words:
         p.append(f"filter.max_words={flt.max_words} is below filter.min_words={flt.min_words}")
     for rx in flt.blocklist_regex:
-        import re
-
         try:
             re.compile(rx)
         except re.error as e:
             p.append(f"filter.blocklist_regex entry {rx!r} is not a valid regex ({e})")
+
+
+def _check_run(cfg: PrepareConfig, p: List[str]) -> None:
+    sp = cfg.split
     if not 0.0 <= sp.val_fraction < 1.0:
         p.append(f"split.val_fraction={sp.val_fraction} must be in [0, 1)")
     if sp.val_every < 0:
@@ -296,5 +318,3 @@ def validate_prepare(cfg: PrepareConfig) -> None:
         p.append(f"workers={cfg.workers} must be >= 0 (0 = all cores)")
     if not cfg.output_dir:
         p.append("output_dir is empty: name the dataset directory, e.g. output_dir=data/web")
-    if p:
-        raise PrepareConfigError(p)
