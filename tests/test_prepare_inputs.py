@@ -242,3 +242,17 @@ def test_tokenizer_kinds_round_trip(tmp_path: Path) -> None:
     hf.write_text(hf.read_text().replace('"<|mask|>"', '"<|MASK|>"'))
     with pytest.raises(ValueError, match="was replaced"):
         load_tokenizer(read_manifest(tmp_path / "bpe" / "train")["tokenizer"], tmp_path / "bpe")
+
+
+def test_every_pack_kind_has_a_packer_and_choices_act_as_strings() -> None:
+    from dist_llm.config.prepare_schema import PackKind, TokenizerKind
+    from dist_llm.prepare.packers import PACKERS, packer_class
+
+    assert set(PACKERS) == set(PackKind)
+    assert packer_class("bert") is packer_class(PackKind.bert) is PACKERS[PackKind.bert]
+    with pytest.raises(ValueError, match="'nope' is not a valid PackKind"):
+        packer_class("nope")
+    # str-mixin enums: compare, hash, format and serialise as their value (old code paths rely on it)
+    kind = TokenizerKind.bpe
+    assert kind == "bpe" and {"bpe": 1}[kind] == 1 and f"{kind}" == str(kind) == "bpe"
+    assert json.dumps({"k": kind}) == '{"k": "bpe"}'

@@ -27,6 +27,9 @@ class Packer(Protocol):
 
     tokenizes: ClassVar[bool]  # text: build a tokenizer and tokenize the kept documents (phase A2)
 
+    def __init__(self, cfg: PrepareConfig, tok_meta: Dict[str, Any], classes: List[str], src: ShardSource) -> None:
+        """Built on the driver once the plan (``src``) exists."""
+
     @classmethod
     def vocabulary(cls, cfg: PrepareConfig, out: Path, work: Path, sample: Callable[[int], Iterator[str]],
                    classes: List[str]) -> Dict[str, Any]:
