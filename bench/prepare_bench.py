@@ -31,8 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the planted-corpus generator is a test fixture
 
-from dist_llm.data.prepare.synthetic import planted_corpus, write_jsonl  # noqa: E402
+from prepare_synthetic import planted_corpus, write_jsonl  # noqa: E402
 
 SEQ, PER_SHARD = 256, 1024
 
@@ -93,7 +94,7 @@ def plain_loop(inp: Path, tok_path: Path, out: Path, batch: int = 0) -> float:
 
 def pipeline(inp: Path, tok_path: Path, out: Path, workers: int) -> dict:
     from dist_llm.config.store import compose_prepare
-    from dist_llm.data.prepare import run_prepare
+    from dist_llm.prepare import run_prepare
 
     cfg = compose_prepare(["input=files", f"input.paths=[{inp}]", f"output_dir={out}", "filter=gopher",
                            "tokenizer=file", f"tokenizer.path={tok_path}", "tokenizer.eos_token='<|eos|>'",
@@ -105,7 +106,7 @@ def pipeline(inp: Path, tok_path: Path, out: Path, workers: int) -> dict:
 
 
 def minhash_compare(inp: Path, n: int = 2000) -> dict:
-    from dist_llm.data.prepare.dedup import MinHasher, shingle_hashes, words_and_hashes
+    from dist_llm.prepare.dedup import MinHasher, shingle_hashes, words_and_hashes
 
     texts = [json.loads(line)["text"] for line in open(sorted(inp.glob("*.jsonl"))[0])][:n]
     mh = MinHasher(128, threshold=0.8)

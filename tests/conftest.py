@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def stdlib_cache(tmp_path_factory):
     """One small embedded corpus (300 kB, seq_len 32) shared by the end-to-end tests; each test
     copies it into its own working directory so runs stay independent."""
-    from dist_llm.data import build_stdlib_corpus
+    from dist_llm.prepare import build_stdlib_corpus
 
     root = tmp_path_factory.mktemp("stdlib")
     build_stdlib_corpus(root / "data" / "stdlib", 32, max_bytes=300_000)

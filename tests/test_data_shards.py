@@ -13,12 +13,12 @@ from dist_llm.data import (
     FORMAT,
     ByteTokenizer,
     ShardWriter,
-    build_stdlib_corpus,
     load_tokenizer,
     read_manifest,
     read_shard,
     verify_shard,
 )
+from dist_llm.prepare import build_stdlib_corpus
 
 SEQ = 16
 

@@ -13,11 +13,11 @@ from dist_llm.cli.main import main as cli_main
 from dist_llm.config.prepare_schema import PrepareConfigError
 from dist_llm.config.store import compose_prepare
 from dist_llm.data import load_tokenizer, read_manifest
-from dist_llm.data.prepare import BadInputError, run_prepare
-from dist_llm.data.prepare.clean import make_cleaner
-from dist_llm.data.prepare.dedup import (MinHasher, U64Set, chunk_shingles, shingle_hashes, word_table,
+from dist_llm.prepare import BadInputError, run_prepare
+from dist_llm.prepare.clean import make_cleaner
+from dist_llm.prepare.dedup import (MinHasher, U64Set, chunk_shingles, shingle_hashes, word_table,
                                          words_and_hashes)
-from dist_llm.data.prepare.filters import QualityFilter, alpha_counts, dup_ngram_fraction, top_ngram_fraction
+from dist_llm.prepare.filters import QualityFilter, alpha_counts, dup_ngram_fraction, top_ngram_fraction
 from dist_llm.data.shards import IMAGES_FORMAT
 
 GOOD = "the quick brown fox jumps over the lazy dog and keeps running far away"
@@ -117,7 +117,7 @@ def test_cleaning_steps() -> None:
 
 def test_whitespace_shortcuts_change_nothing() -> None:
     """normalize_whitespace skips substitutions that cannot match; the result must not change."""
-    from dist_llm.data.prepare import clean as C
+    from dist_llm.prepare import clean as C
 
     def reference(text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -189,7 +189,7 @@ def test_chunk_filters_equal_per_document_rules() -> None:
         sub = table.take(np.array([i]))
         assert (sub.hashes == wh).all() and (sub.lens == lens).all()
     # the batched n-gram statistics themselves, against the one-document definitions
-    from dist_llm.data.prepare.filters import _Grams
+    from dist_llm.prepare.filters import _Grams
 
     for n in (1, 2, 3, 5):
         top, dup = _Grams(table, n).top_fraction(), _Grams(table, n).dup_fraction()
@@ -242,3 +242,17 @@ def test_tokenizer_kinds_round_trip(tmp_path: Path) -> None:
     hf.write_text(hf.read_text().replace('"<|mask|>"', '"<|MASK|>"'))
     with pytest.raises(ValueError, match="was replaced"):
         load_tokenizer(read_manifest(tmp_path / "bpe" / "train")["tokenizer"], tmp_path / "bpe")
+
+
+def test_every_pack_kind_has_a_packer_and_choices_act_as_strings() -> None:
+    from dist_llm.config.prepare_schema import PackKind, TokenizerKind
+    from dist_llm.prepare.packers import PACKERS, packer_class
+
+    assert set(PACKERS) == set(PackKind)
+    assert packer_class("bert") is packer_class(PackKind.bert) is PACKERS[PackKind.bert]
+    with pytest.raises(ValueError, match="'nope' is not a valid PackKind"):
+        packer_class("nope")
+    # str-mixin enums: compare, hash, format and serialise as their value (old code paths rely on it)
+    kind = TokenizerKind.bpe
+    assert kind == "bpe" and {"bpe": 1}[kind] == 1 and f"{kind}" == str(kind) == "bpe"
+    assert json.dumps({"k": kind}) == '{"k": "bpe"}'

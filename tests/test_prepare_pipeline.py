@@ -12,8 +12,8 @@ import pytest
 
 from dist_llm.config.store import compose_prepare
 from dist_llm.data import TrainLoader, ValLoader, load_tokenizer, read_manifest
-from dist_llm.data.prepare import Interrupted, run_prepare
-from dist_llm.data.prepare.synthetic import TEST_FILTER, planted_corpus, write_jsonl
+from dist_llm.prepare import Interrupted, run_prepare
+from prepare_synthetic import TEST_FILTER, planted_corpus, write_jsonl
 from dist_llm.data.shards import IMAGES_FORMAT, PAIRS_FORMAT, read_records
 
 
@@ -75,11 +75,11 @@ def test_rerun_identical_and_resume_equals_uninterrupted(planted, tmp_path: Path
     # complete output: the re-run is skipped
     assert run_prepare(compose_prepare(_overrides(root / "in", tmp_path / "a")))["skipped"]
     # interrupted in phase A, then in phase C, then resumed
+    with pytest.raises(Interrupted):
+        run_prepare(compose_prepare(_overrides(root / "in", tmp_path / "b", **{"debug.stop_after_parts": 2})))
+    with pytest.raises(Interrupted):
+        run_prepare(compose_prepare(_overrides(root / "in", tmp_path / "b", **{"debug.stop_after_shards": 3})))
     cfg = compose_prepare(_overrides(root / "in", tmp_path / "b"))
-    with pytest.raises(Interrupted):
-        run_prepare(cfg, stop_after=("parts", 2))
-    with pytest.raises(Interrupted):
-        run_prepare(cfg, stop_after=("shards", 3))
     assert not (tmp_path / "b" / "train" / "manifest.json").exists()
     done = sorted((tmp_path / "b" / ".work" / "done").glob("*.json"))
     assert len(done) == 3

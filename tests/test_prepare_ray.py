@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dist_llm.config.store import compose_prepare
-from dist_llm.data.prepare import run_prepare
-from dist_llm.data.prepare.synthetic import planted_corpus, write_jsonl
+from dist_llm.prepare import run_prepare
+from prepare_synthetic import planted_corpus, write_jsonl
 
 
 def _shards(out: Path) -> dict:
@@ -37,7 +37,7 @@ def test_ray_engine_equals_local(tmp_path: Path) -> None:
     script = (
         "import json, sys, ray\n"
         "from dist_llm.config.store import compose_prepare\n"
-        "from dist_llm.data.prepare import run_prepare\n"
+        "from dist_llm.prepare import run_prepare\n"
         "ray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1', log_to_driver=False,\n"
         "         runtime_env={'env_vars': {'PYTHONPATH': sys.argv[1]}})\n"
         "try:\n"

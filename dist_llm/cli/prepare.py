@@ -18,7 +18,7 @@ _exit_code = 0
 
 def _task(dcfg) -> None:
     global _exit_code
-    from dist_llm.data.prepare import BadInputError, InputError, run_prepare
+    from dist_llm.prepare import BadInputError, InputError, run_prepare
 
     try:
         cfg = to_prepare_config(dcfg)

@@ -7,29 +7,87 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import List, Optional
 
-INPUT_FORMATS = ("auto", "txt", "jsonl", "parquet", "images", "npy")
-TXT_MODES = ("file", "line")
-EMBEDDED = ("none", "stdlib", "digits")
-CLEAN_STEPS = ("nfc", "strip_control", "normalize_whitespace", "strip_html")
-TOKENIZER_KINDS = ("byte", "bpe", "char", "file")
-PACK_KINDS = ("causal", "bert", "image")
-ENGINES = ("local", "ray")
-PROGRESS = ("auto", "on", "off")
+
+class Choice(str, Enum):
+    """A config choice: compares, hashes, prints and formats as its plain string value, so
+    ``kind == "causal"``, ``{"causal": ...}[kind]`` and f-strings behave as before the enums.
+    Member names equal their values: OmegaConf converts a YAML string to a member by name."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+    __hash__ = str.__hash__
+
+
+class InputFormat(Choice):
+    auto = "auto"  # by file extension
+    txt = "txt"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    images = "images"  # folder-per-class image tree
+    npy = "npy"
+
+
+class TxtMode(Choice):
+    file = "file"  # one document per .txt file
+    line = "line"  # one document per non-empty line
+
+
+class EmbeddedInput(Choice):
+    none = "none"
+    stdlib = "stdlib"  # the interpreter's standard-library sources
+    digits = "digits"  # scikit-learn's bundled 8x8 digits
+
+
+class CleanStep(Choice):
+    nfc = "nfc"
+    strip_control = "strip_control"
+    normalize_whitespace = "normalize_whitespace"
+    strip_html = "strip_html"
+
+
+class TokenizerKind(Choice):
+    byte = "byte"
+    bpe = "bpe"  # train a byte-level BPE
+    char = "char"  # train a character vocabulary
+    file = "file"  # load an existing tokenizer.json
+
+
+class PackKind(Choice):
+    causal = "causal"  # EOS-joined seq_len+1 windows
+    bert = "bert"  # sentence pairs + next-sentence labels
+    image = "image"  # (image, label) samples
+
+
+class PrepareEngine(Choice):
+    local = "local"  # multiprocessing on this machine
+    ray = "ray"  # Ray Data on ray_address
+
+
+class Progress(Choice):
+    auto = "auto"  # a bar when stderr is a terminal
+    on = "on"
+    off = "off"
 
 
 @dataclass
 class PrepareInputConfig:
     # Files, directories (searched recursively) or globs. Sorted, so the order is deterministic.
     paths: List[str] = field(default_factory=list)
-    format: str = "auto"  # auto (by extension) | txt | jsonl | parquet | images | npy
-    txt_mode: str = "file"  # file: one document per .txt file | line: one per non-empty line
+    format: InputFormat = InputFormat.auto
+    txt_mode: TxtMode = TxtMode.file
     text_field: str = "text"  # jsonl / parquet column holding the document
     # npy: paths name image arrays [N,H,W] or [N,H,W,C]; labels come from this .npy ([N] ints)
     npy_labels: Optional[str] = None
-    embedded: str = "none"  # none | stdlib (interpreter's stdlib sources) | digits (scikit-learn)
+    embedded: EmbeddedInput = EmbeddedInput.none
     embedded_max_bytes: int = 3_000_000
     # Malformed records (bad UTF-8, broken JSON, missing field, empty file, unreadable image) are
     # counted and reported; the run fails only when their fraction of all records exceeds this.
@@ -40,8 +98,9 @@ class PrepareInputConfig:
 
 @dataclass
 class CleanConfig:
-    # Applied in this order; names from CLEAN_STEPS.
-    steps: List[str] = field(default_factory=lambda: ["nfc", "strip_control", "normalize_whitespace"])
+    # Applied in this order.
+    steps: List[CleanStep] = field(
+        default_factory=lambda: [CleanStep.nfc, CleanStep.strip_control, CleanStep.normalize_whitespace])
 
 
 @dataclass
@@ -77,7 +136,7 @@ class DedupConfig:
 
 @dataclass
 class TokenizerPrepConfig:
-    kind: str = "byte"  # byte | bpe (train byte-level BPE) | char (train) | file (load tokenizer.json)
+    kind: TokenizerKind = TokenizerKind.byte
     vocab_size: int = 8192  # bpe only
     min_frequency: int = 2  # bpe only
     path: Optional[str] = None  # kind=file: an existing Hugging Face tokenizer.json
@@ -87,7 +146,7 @@ class TokenizerPrepConfig:
 
 @dataclass
 class PackConfig:
-    kind: str = "causal"  # causal (EOS-joined seq_len+1 windows) | bert (sentence pairs + NSP) | image
+    kind: PackKind = PackKind.causal
     seq_len: int = 128
     samples_per_shard: int = 1024
     random_next_prob: float = 0.5  # bert: share of pairs whose B comes from another document
@@ -101,13 +160,23 @@ class SplitConfig:
 
 
 @dataclass
+class PrepareDebugConfig:
+    """Test-only fault injection (never changes the output; not part of its fingerprint)."""
+
+    # Raise Interrupted (a simulated crash) after this many *new* parts (phase A) or shards
+    # (phase C) of this run; 0 = off. Tests use it to check a resumed run equals an uninterrupted one.
+    stop_after_parts: int = 0
+    stop_after_shards: int = 0
+
+
+@dataclass
 class PrepareConfig:
     output_dir: str = "data/prepared"
-    engine: str = "local"  # local (multiprocessing) | ray (Ray Data on ray_address)
+    engine: PrepareEngine = PrepareEngine.local
     workers: int = 0  # local processes; 0 = all cores
     ray_address: Optional[str] = None  # None = start or join a local Ray
     seed: int = 1234
-    progress: str = "auto"  # auto (tty only) | on | off
+    progress: Progress = Progress.auto
     keep_work: bool = False  # keep output_dir/.work (intermediate parts) after success
     input: PrepareInputConfig = field(default_factory=PrepareInputConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
@@ -116,6 +185,7 @@ class PrepareConfig:
     tokenizer: TokenizerPrepConfig = field(default_factory=TokenizerPrepConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    debug: PrepareDebugConfig = field(default_factory=PrepareDebugConfig)
 
 
 class PrepareConfigError(ValueError):
@@ -134,34 +204,40 @@ def _path_exists(p: str) -> bool:
 def validate_prepare(cfg: PrepareConfig) -> None:
     """Raise :class:`PrepareConfigError` naming every bad field, its value and a fix."""
     p: List[str] = []
-    inp, tok, pack, flt, dd, sp = cfg.input, cfg.tokenizer, cfg.pack, cfg.filter, cfg.dedup, cfg.split
+    for check in (_check_choices, _check_input, _check_pack_tokenizer, _check_filter_dedup, _check_run):
+        check(cfg, p)
+    if p:
+        raise PrepareConfigError(p)
 
-    def choice(name: str, value: str, allowed: tuple) -> None:
+
+def _check_choices(cfg: PrepareConfig, p: List[str]) -> None:
+    inp, tok, pack = cfg.input, cfg.tokenizer, cfg.pack
+    # Hydra rejects a bad choice while composing; this catches configs built in Python.
+    for name, value, kind in (("input.format", inp.format, InputFormat), ("input.txt_mode", inp.txt_mode, TxtMode),
+                              ("input.embedded", inp.embedded, EmbeddedInput),
+                              ("tokenizer.kind", tok.kind, TokenizerKind), ("pack.kind", pack.kind, PackKind),
+                              ("engine", cfg.engine, PrepareEngine), ("progress", cfg.progress, Progress),
+                              *(("clean.steps entry", s, CleanStep) for s in cfg.clean.steps)):
+        allowed = [k.value for k in kind]
         if value not in allowed:
-            p.append(f"{name}={value!r} is not one of {list(allowed)}")
+            p.append(f"{name}='{value}' is not one of {allowed}")
 
-    choice("input.format", inp.format, INPUT_FORMATS)
-    choice("input.txt_mode", inp.txt_mode, TXT_MODES)
-    choice("input.embedded", inp.embedded, EMBEDDED)
-    choice("tokenizer.kind", tok.kind, TOKENIZER_KINDS)
-    choice("pack.kind", pack.kind, PACK_KINDS)
-    choice("engine", cfg.engine, ENGINES)
-    choice("progress", cfg.progress, PROGRESS)
-    for s in cfg.clean.steps:
-        choice("clean.steps entry", s, CLEAN_STEPS)
+
+def _check_input(cfg: PrepareConfig, p: List[str]) -> None:
+    inp, pack = cfg.input, cfg.pack
     if inp.embedded == "none" and not inp.paths:
         p.append("input.paths is empty and input.embedded=none: name files, directories or globs, e.g. "
                  "input.paths='[corpus/*.jsonl]', or use input=stdlib / input=digits")
     if inp.embedded != "none" and inp.paths:
-        p.append(f"input.embedded={inp.embedded!r} and input.paths={list(inp.paths)} are both set: use one "
+        p.append(f"input.embedded='{inp.embedded}' and input.paths={list(inp.paths)} are both set: use one "
                  f"(set input.embedded=none to read your files)")
     for path in inp.paths:
         if not _path_exists(path):
             p.append(f"input.paths entry {path!r} does not exist (cwd {os.getcwd()}): fix the path or glob")
     image_input = inp.format in ("images", "npy") or inp.embedded == "digits"
     if image_input != (pack.kind == "image"):
-        p.append(f"pack.kind={pack.kind!r} does not fit the input (format={inp.format!r}, "
-                 f"embedded={inp.embedded!r}): image inputs need pack.kind=image and text inputs "
+        p.append(f"pack.kind='{pack.kind}' does not fit the input (format='{inp.format}', "
+                 f"embedded='{inp.embedded}'): image inputs need pack.kind=image and text inputs "
                  f"pack.kind=causal or bert")
     if inp.format == "npy" and not inp.npy_labels:
         p.append("input.format=npy needs input.npy_labels, a .npy file of integer labels")
@@ -171,6 +247,10 @@ def validate_prepare(cfg: PrepareConfig) -> None:
         p.append(f"input.max_bad_fraction={inp.max_bad_fraction} must be in [0, 1]")
     if inp.chunk_records < 1 or inp.chunk_bytes < 1:
         p.append(f"input.chunk_records={inp.chunk_records} and input.chunk_bytes={inp.chunk_bytes} must be >= 1")
+
+
+def _check_pack_tokenizer(cfg: PrepareConfig, p: List[str]) -> None:
+    tok, pack = cfg.tokenizer, cfg.pack
     if pack.seq_len < 2:
         p.append(f"pack.seq_len={pack.seq_len} must be >= 2")
     if pack.samples_per_shard < 1:
@@ -194,6 +274,10 @@ def validate_prepare(cfg: PrepareConfig) -> None:
         p.append(f"tokenizer.vocab_size={tok.vocab_size} must be >= 262 (256 bytes + 6 specials) for bpe")
     if tok.train_max_bytes < 1:
         p.append(f"tokenizer.train_max_bytes={tok.train_max_bytes} must be >= 1")
+
+
+def _check_filter_dedup(cfg: PrepareConfig, p: List[str]) -> None:
+    flt, dd = cfg.filter, cfg.dedup
     if not 0.0 < dd.threshold < 1.0:
         p.append(f"dedup.threshold={dd.threshold} must be in (0, 1), e.g. 0.8")
     if dd.num_perm < 2 or dd.shingle_words < 1:
@@ -215,19 +299,22 @@ def validate_prepare(cfg: PrepareConfig) -> None:
     if flt.max_words and flt.max_words < flt.min_words:
         p.append(f"filter.max_words={flt.max_words} is below filter.min_words={flt.min_words}")
     for rx in flt.blocklist_regex:
-        import re
-
         try:
             re.compile(rx)
         except re.error as e:
             p.append(f"filter.blocklist_regex entry {rx!r} is not a valid regex ({e})")
+
+
+def _check_run(cfg: PrepareConfig, p: List[str]) -> None:
+    sp = cfg.split
     if not 0.0 <= sp.val_fraction < 1.0:
         p.append(f"split.val_fraction={sp.val_fraction} must be in [0, 1)")
     if sp.val_every < 0:
         p.append(f"split.val_every={sp.val_every} must be 0 (off) or >= 1 (every n-th document to val)")
+    if cfg.debug.stop_after_parts < 0 or cfg.debug.stop_after_shards < 0:
+        p.append(f"debug.stop_after_parts={cfg.debug.stop_after_parts} and debug.stop_after_shards="
+                 f"{cfg.debug.stop_after_shards} must be >= 0 (0 = off)")
     if cfg.workers < 0:
         p.append(f"workers={cfg.workers} must be >= 0 (0 = all cores)")
     if not cfg.output_dir:
         p.append("output_dir is empty: name the dataset directory, e.g. output_dir=data/web")
-    if p:
-        raise PrepareConfigError(p)

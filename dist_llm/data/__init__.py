@@ -1,8 +1,8 @@
-"""Data layer: token shard format, tokenizers, the embedded corpus and the stateful loader.
+"""Data layer: token shard format, tokenizers and the stateful loader.
 
-Imports nothing from parallel/, train/ or launch/; ranks arrive as plain ints.
+Imports nothing from parallel/, train/, launch/ or prepare/ (the pipeline that writes the shards,
+including the embedded corpus, is :mod:`dist_llm.prepare`); ranks arrive as plain ints.
 """
-from dist_llm.data.embedded import build_stdlib_corpus, stdlib_documents
 from dist_llm.data.loader import BlendSchedule, TrainLoader, ValLoader
 from dist_llm.data.shards import (
     FORMAT,
@@ -21,11 +21,9 @@ __all__ = [
     "ShardWriter",
     "TrainLoader",
     "ValLoader",
-    "build_stdlib_corpus",
     "dtype_for_vocab",
     "load_tokenizer",
     "read_manifest",
     "read_shard",
-    "stdlib_documents",
     "verify_shard",
 ]

@@ -49,7 +49,7 @@ def _seed_all(seed: int) -> None:
 
 def _prepare_embedded(cfg: JobConfig, layout) -> JobConfig:
     """Build the stdlib demo corpus on rank 0 (idempotent) and point the data config at it."""
-    from dist_llm.data import build_stdlib_corpus
+    from dist_llm.prepare import build_stdlib_corpus
 
     if layout.rank == 0:
         build_stdlib_corpus(cfg.data.embedded_dir, cfg.train.seq_len, max_bytes=cfg.data.embedded_max_bytes)

@@ -28,7 +28,7 @@ def tiny(out: Path, data_dir: Path, name: str) -> list:
 
 def test_ray_job_worker_crash_restarts_group_and_matches_uninterrupted(ray_cluster, tmp_path, monkeypatch):
     from dist_llm.config.store import compose
-    from dist_llm.data import build_stdlib_corpus
+    from dist_llm.prepare import build_stdlib_corpus
     from dist_llm.submit.ray_job import submit_ray_job
 
     for k, v in ray_cluster["env"].items():  # the job API needs the cluster's token

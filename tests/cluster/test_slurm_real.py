@@ -88,7 +88,7 @@ def tiny_overrides(out_dir: Path, name: str, data_dir: Path) -> list:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from dist_llm.data import build_stdlib_corpus
+    from dist_llm.prepare import build_stdlib_corpus
 
     data_dir = tmp_path_factory.mktemp("corpus") / "stdlib"
     build_stdlib_corpus(data_dir, 32)  # once, before the jobs (they would race to build it)

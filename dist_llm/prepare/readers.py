@@ -15,6 +15,7 @@ import glob
 import gzip
 import io
 import os
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -102,12 +103,40 @@ def image_classes(paths: Sequence[str]) -> List[str]:
     return sorted(d.name for p in paths for d in Path(p).iterdir() if d.is_dir())
 
 
+_STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
+def stdlib_documents(max_bytes: int, stdlib_dir: Optional[str] = None) -> List[Tuple[str, bytes]]:
+    """``(relative path, UTF-8 bytes)`` of stdlib ``.py`` files in sorted path order, up to ``max_bytes``.
+
+    The embedded default corpus (see :mod:`dist_llm.prepare.embedded`): real text on every machine
+    that runs us, no download; sorted paths make it deterministic for a given interpreter.
+    """
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    paths: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        rel = Path(dirpath).relative_to(root)
+        paths.extend((rel / f).as_posix() for f in filenames if f.endswith(".py"))
+    docs: List[Tuple[str, bytes]] = []
+    total = 0
+    for rel in sorted(paths):
+        try:
+            data = (root / rel).read_bytes()
+            data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not data:
+            continue
+        if total + len(data) > max_bytes:
+            break
+        docs.append((rel, data))
+        total += len(data)
+    return docs
+
+
 def stdlib_files(max_bytes: int) -> List[InputFile]:
-    """The embedded corpus' files (see :func:`dist_llm.data.embedded.stdlib_documents`)."""
-    import sysconfig
-
-    from dist_llm.data.embedded import stdlib_documents
-
+    """The embedded corpus' files (:func:`stdlib_documents`) as inputs."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return [InputFile(str(root / rel), "txt", size=len(data)) for rel, data in stdlib_documents(max_bytes)]
 

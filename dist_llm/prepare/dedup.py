@@ -25,7 +25,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from dist_llm.data.prepare.filters import _P, WordTable, ngram_hashes
+from dist_llm.prepare.filters import _P, WordTable, ngram_hashes
 
 _MAX32 = np.uint64(0xFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -160,10 +160,6 @@ class U64Set:
     def __len__(self) -> int:
         return self._n
 
-    @property
-    def nbytes(self) -> int:
-        return int(self._table.nbytes)
-
     @staticmethod
     def _fix(keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.uint64)
@@ -218,10 +214,6 @@ class Deduper:
     def __init__(self, exact: bool, near: bool) -> None:
         self.exact, self.near = exact, near
         self.exact_seen, self.lsh = U64Set(), U64Set()
-
-    @property
-    def index_bytes(self) -> int:
-        return self.exact_seen.nbytes + self.lsh.nbytes
 
     def decide(self, exact: np.ndarray, bands: np.ndarray) -> np.ndarray:
         """Codes (KEEP / EXACT_DUP / NEAR_DUP) for a batch of candidates in input order."""

@@ -1,15 +1,15 @@
-"""Phase B (ordered dedup + split plan) and phase C (write one shard) of the pipeline.
+"""Phase B of the pipeline (ordered dedup + split plan) and what phase C reads it with.
 
 Phase B reads only the parts' small metadata, in input order, and decides per document:
-malformed / filtered / exact dup / near dup / kept-in-train / kept-in-val (:func:`decide`).
+malformed / filtered / exact dup / near dup / kept-in-train / kept-in-val (:class:`Decider`).
 Once the kept documents are tokenized (phase A2), it stores, per split, where every kept
-document's tokens live (:func:`layout`), so phase C can build any shard independently:
-shard ``s`` of a causal split holds windows ``[s*S, (s+1)*S)`` of the EOS-joined token stream,
-whatever process writes it. That is what makes the writes parallel, resumable and identical.
+document's tokens live (:func:`layout`), so phase C can build any shard independently
+(:class:`ShardSource` reads them back; the packers in :mod:`dist_llm.prepare.packers` cut the
+shards): shard ``s`` of a causal split holds windows ``[s*S, (s+1)*S)`` of the EOS-joined token
+stream, whatever process writes it. That is what makes the writes parallel, resumable and identical.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +17,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from dist_llm.data.prepare.dedup import EXACT_DUP, NEAR_DUP, Deduper
-from dist_llm.data.prepare.process import CANDIDATE, FILTERED0, load_part
-from dist_llm.data.shards import sample_key, token_members, write_shard
+from dist_llm.prepare.dedup import EXACT_DUP, NEAR_DUP, Deduper
+from dist_llm.prepare.process import CANDIDATE, FILTERED0, load_part
 
 SPLITS = ("train", "val")
 MAX_EXAMPLES = 100
@@ -115,13 +114,6 @@ class Decider:
         return st
 
 
-def decide(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, List[Decision]]:
-    """Phase B, first half, over all parts (see :class:`Decider`)."""
-    d = Decider(cfg, work)
-    out = [d.add(name) for name in parts]
-    return d.finish(), out
-
-
 def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) -> Dict[str, Dict[str, np.ndarray]]:
     """Phase B, second half (text: after phase A2 tokenized the kept documents): per split, where
     every kept document's tokens (or pixels) live, in input order."""
@@ -158,13 +150,7 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
     return {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()} for s, c in cols.items()}
 
 
-def plan(cfg: Any, work: Path, parts: List[str]) -> Tuple[Stats, Dict[str, Dict[str, np.ndarray]]]:
-    """Phase B in one go, for parts that are complete (images, or text already tokenized)."""
-    st, decisions = decide(cfg, work, parts)
-    return st, layout(cfg, work, parts, decisions)
-
-
-# ---- phase C: one shard ----------------------------------------------------------------------
+# ---- what phase C reads ----------------------------------------------------------------------
 
 @dataclass
 class ShardJob:
@@ -172,13 +158,6 @@ class ShardJob:
     index: int
     lo: int  # causal: first window; bert/image: first document
     hi: int
-
-
-def causal_jobs(split: str, docs: Dict[str, np.ndarray], seq_len: int, per_shard: int) -> List[ShardJob]:
-    total = int((docs["ntok"] + 1).sum()) if len(docs["ntok"]) else 0
-    nwin = total // (seq_len + 1)
-    return [ShardJob(split, s, s * per_shard, min((s + 1) * per_shard, nwin))
-            for s in range(math.ceil(nwin / per_shard))]
 
 
 def doc_jobs(split: str, docs: Dict[str, np.ndarray], per_shard: int, per_doc_samples: np.ndarray) -> List[ShardJob]:
@@ -194,20 +173,17 @@ def doc_jobs(split: str, docs: Dict[str, np.ndarray], per_shard: int, per_doc_sa
     return jobs
 
 
-class ShardBuilder:
-    """Builds shards from the plan; caches memory-mapped part files per process."""
+class ShardSource:
+    """Reads the plan's documents (tokens, sentences, pixels) back from the part files, for the
+    packers; caches memory-mapped part files per process. Picklable (sent to every writer)."""
 
-    def __init__(self, work: Path, parts: List[str], docs: Dict[str, Dict[str, np.ndarray]], out_dir: Path,
-                 seq_len: int, per_shard: int, dtype: str, specials: Dict[str, int], seed: int,
-                 random_next_prob: float = 0.5) -> None:
+    def __init__(self, work: Path, parts: List[str], docs: Dict[str, Dict[str, np.ndarray]], out_dir: Path) -> None:
         self.work, self.parts, self.docs, self.out = work, parts, docs, out_dir
-        self.seq_len, self.per_shard, self.dtype, self.sp = seq_len, per_shard, dtype, specials
-        self.seed, self.p_random = seed, random_next_prob
         self._mm: Dict[Tuple[int, str], np.ndarray] = {}
-        self._cum = {s: np.concatenate([[0], np.cumsum(d["ntok"] + 1)]) for s, d in docs.items()}
         self._sent: Dict[int, np.ndarray] = {}
 
-    def _arr(self, part: int, kind: str) -> np.ndarray:
+    def array(self, part: int, kind: str) -> np.ndarray:
+        """``<part>.<kind>.npy`` (tokens, images) memory-mapped."""
         key = (part, kind)
         if key not in self._mm:
             if len(self._mm) > 64:
@@ -218,57 +194,7 @@ class ShardBuilder:
     def doc_tokens(self, split: str, d: int) -> np.ndarray:
         D = self.docs[split]
         o = int(D["off"][d])
-        return np.asarray(self._arr(int(D["part"][d]), "tokens")[o:o + int(D["ntok"][d])])
-
-    def write(self, job: ShardJob, kind: str) -> Dict[str, Any]:
-        return getattr(self, f"_{kind}")(job)
-
-    def _causal(self, job: ShardJob) -> Dict[str, Any]:
-        L, cum = self.seq_len + 1, self._cum[job.split]
-        a, b = job.lo * L, job.hi * L
-        d0 = int(np.searchsorted(cum, a, side="right")) - 1
-        d1 = int(np.searchsorted(cum, b, side="left"))
-        eos = np.array([self.sp["eos"]], dtype=np.uint32)
-        buf = np.concatenate([x for d in range(d0, d1) for x in (self.doc_tokens(job.split, d), eos)])
-        rows = buf[a - int(cum[d0]): b - int(cum[d0])].reshape(-1, L)
-        starts = int(((cum[:-1] >= a) & (cum[:-1] < b)).sum())
-        entry = write_shard(self.out / job.split, job.index, token_members(rows, job.lo, self.dtype), len(rows))
-        return {**entry, "num_documents": starts, "num_tokens": int(rows.size)}
-
-    def _images(self, job: ShardJob) -> Dict[str, Any]:
-        from dist_llm.data.shards import _npy_bytes
-
-        D, members = self.docs[job.split], []
-        for d in range(job.lo, job.hi):
-            shape = tuple(int(x) for x in D["shape"][d])
-            o = int(D["off"][d])
-            img = np.asarray(self._arr(int(D["part"][d]), "images")[o:o + int(np.prod(shape))]).reshape(shape)
-            key = sample_key(d)  # keys continue across shards
-            members += [(f"{key}.npy", _npy_bytes(img)), (f"{key}.cls", str(int(D["label"][d])).encode())]
-        n = job.hi - job.lo
-        entry = write_shard(self.out / job.split, job.index, members, n)
-        return {**entry, "num_documents": n, "num_tokens": 0}
-
-    def _bert(self, job: ShardJob) -> Dict[str, Any]:
-        from dist_llm.data.prepare.bert import pairs_for_document
-        from dist_llm.data.shards import _npy_bytes
-
-        members, n = [], 0
-        first = int(self._bert_offsets(job.split)[job.lo])
-        for d in range(job.lo, job.hi):
-            for toks, segs, nsp in pairs_for_document(self, job.split, d):
-                key = sample_key(first + n)
-                members += [(f"{key}.tokens.npy", _npy_bytes(toks.astype(self.dtype))),
-                            (f"{key}.segments.npy", _npy_bytes(segs)), (f"{key}.nsp.cls", str(nsp).encode())]
-                n += 1
-        entry = write_shard(self.out / job.split, job.index, members, n)
-        return {**entry, "num_documents": job.hi - job.lo, "num_tokens": n * self.seq_len}
-
-    def _bert_offsets(self, split: str) -> np.ndarray:
-        """Sample-key offset of each document: the sum of estimated pairs before it (stable)."""
-        from dist_llm.data.prepare.bert import max_pairs
-
-        return np.concatenate([[0], np.cumsum(max_pairs(self.docs[split], self.seq_len))])
+        return np.asarray(self.array(int(D["part"][d]), "tokens")[o:o + int(D["ntok"][d])])
 
     def sentences(self, split: str, d: int) -> List[np.ndarray]:
         D = self.docs[split]

@@ -28,13 +28,13 @@ def _truncate(a: List[int], b: List[int], limit: int, rng: np.random.Generator) 
             longer.pop()
 
 
-def pairs_for_document(builder: Any, split: str, d: int) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+def pairs_for_document(packer: Any, split: str, d: int) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
     """``(tokens[seq_len], segments[seq_len] uint8, nsp)``; nsp 0 = B follows A, 1 = random B."""
-    sp, L = builder.sp, builder.seq_len
+    sp, L = packer.sp, packer.seq_len
     target = L - 3
-    ndocs = len(builder.docs[split]["ntok"])
-    rng = np.random.default_rng([builder.seed, 0 if split == "train" else 1, d])
-    sents = [s.tolist() for s in builder.sentences(split, d) if len(s)]
+    ndocs = len(packer.docs[split]["ntok"])
+    rng = np.random.default_rng([packer.seed, 0 if split == "train" else 1, d])
+    sents = [s.tolist() for s in packer.sentences(split, d) if len(s)]
     chunk: List[List[int]] = []
     length, i = 0, 0
     while i < len(sents):
@@ -43,10 +43,10 @@ def pairs_for_document(builder: Any, split: str, d: int) -> Iterator[Tuple[np.nd
         if i == len(sents) - 1 or length >= target:
             a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
             a = [t for s in chunk[:a_end] for t in s]
-            if ndocs > 1 and (len(chunk) == 1 or rng.random() < builder.p_random):
+            if ndocs > 1 and (len(chunk) == 1 or rng.random() < packer.p_random):
                 other = int(rng.integers(0, ndocs - 1))
                 other += other >= d
-                rs = [s.tolist() for s in builder.sentences(split, other) if len(s)] or [[]]
+                rs = [s.tolist() for s in packer.sentences(split, other) if len(s)] or [[]]
                 start = int(rng.integers(0, len(rs)))
                 b: List[int] = []
                 for s in rs[start:]:

@@ -13,8 +13,9 @@ bucket); on a single machine any path works. Ray is imported only when this engi
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,25 +23,20 @@ import numpy as np
 class _UnitProcessor:
     """Ray Data actor: reads units and writes their parts (skipping parts already on disk)."""
 
-    def __init__(self, ctx: Any, files: Sequence[Any], units: Sequence[Sequence[int]], labels: Optional[str]) -> None:
-        from dist_llm.data.prepare import process
+    def __init__(self, ctx: Any, src: Any) -> None:
+        from dist_llm.prepare import process
 
         process.init_worker(ctx)
-        self.ctx, self.files, self.units, self.labels = ctx, files, units, labels
-        self.paths = [f.path for f in files]
+        self.src, self.paths = src, src.paths
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
-        from dist_llm.data.prepare.process import part_done, part_name, run_chunk
-        from dist_llm.data.prepare.readers import read_unit
+        from dist_llm.prepare.process import part_done, run_chunk
 
-        cfg, work = self.ctx.cfg, Path(self.ctx.work_dir)
         out: Dict[str, List[Any]] = {"unit": [], "parts": [], "bytes": []}
         for u in batch["unit"].tolist():
             n, size = 0, 0
-            for k, records in read_unit(self.units[u], self.files, cfg.input.chunk_records, cfg.input.chunk_bytes,
-                                        cfg.input.text_field, self.labels):
-                name = part_name(u, k)
-                if not part_done(work, name):
+            for name, records in self.src.unit_chunks(u):
+                if not part_done(self.src.work, name):
                     size += run_chunk((name, records, self.paths))["bytes"]
                     n += 1
             out["unit"].append(u)
@@ -53,12 +49,12 @@ class _PartTokenizer:
     """Ray Data actor: tokenizes the kept documents of parts (phase A2)."""
 
     def __init__(self, ctx: Any) -> None:
-        from dist_llm.data.prepare import process
+        from dist_llm.prepare import process
 
         process.init_worker(ctx)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
-        from dist_llm.data.prepare.process import run_tokenize
+        from dist_llm.prepare.process import run_tokenize
 
         names = [str(n) for n in batch["name"]]
         for name, keep in zip(names, batch["keep"]):
@@ -67,23 +63,23 @@ class _PartTokenizer:
 
 
 class _ShardWriterActor:
-    def __init__(self, builder: Any, kind: str) -> None:
-        self.builder, self.kind = builder, kind
+    def __init__(self, packer: Any) -> None:
+        self.packer = packer
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
         import json
 
-        from dist_llm.data.prepare.pack import ShardJob
+        from dist_llm.prepare.plan import ShardJob
 
         entries = []
         for split, idx, lo, hi in zip(batch["split"].tolist(), batch["index"].tolist(), batch["lo"].tolist(),
                                       batch["hi"].tolist()):
-            entries.append(json.dumps(self.builder.write(ShardJob(split, idx, lo, hi), self.kind)))
+            entries.append(json.dumps(self.packer.write(ShardJob(split, idx, lo, hi))))
         return {"split": list(batch["split"]), "index": list(batch["index"]), "entry": entries}
 
 
 class RayEngine:
-    """Same interface as the local engine, plus the unit- and shard-level Ray Data paths."""
+    """The :class:`dist_llm.prepare.engines.Engine` interface on Ray Data."""
 
     def __init__(self, address: Optional[str], workers: int) -> None:
         import ray
@@ -91,7 +87,7 @@ class RayEngine:
         if not ray.is_initialized():
             kwargs: Dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
             if address is None:  # a local Ray: its workers import this same checkout
-                root = str(Path(__file__).resolve().parents[3])
+                root = str(Path(__file__).resolve().parents[2])
                 path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
                 kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
             ray.init(**kwargs)
@@ -102,18 +98,23 @@ class RayEngine:
 
         DataContext.get_current().enable_progress_bars = False
 
-    def map_ordered_bounded(self, init: Callable, arg: Any, fn: Callable, tasks: Iterator[Any]) -> Iterator[Any]:
-        """Driver-side fallback (tokenizer training sample): small, sequential."""
-        init(arg)
-        for t in tasks:
-            yield fn(t)
+    def sample(self, ctx: Any, tasks: Iterator[Any]) -> Iterator[List[str]]:
+        """Driver-side (tokenizer training sample): small, sequential."""
+        from dist_llm.prepare import process
 
-    def process_units(self, ctx: Any, files: Sequence[Any], units: Sequence[Sequence[int]],
-                      labels: Optional[str]) -> int:
+        process.init_worker(ctx)
+        for t in tasks:
+            yield process.clean_chunk(t)
+
+    @contextmanager
+    def session(self, ctx: Any) -> Iterator["_RaySession"]:
+        yield _RaySession(self, ctx)
+
+    def process_units(self, ctx: Any, src: Any) -> int:
+        units = src.units
         ds = self.ray.data.from_items([{"unit": u} for u in range(len(units))], override_num_blocks=max(1, len(units)))
         ds = ds.map_batches(_UnitProcessor, batch_size=1, concurrency=min(self.workers, max(1, len(units))),
-                            fn_constructor_args=(ctx, list(files), [list(u) for u in units], labels),
-                            num_cpus=1)
+                            fn_constructor_args=(ctx, src), num_cpus=1)
         return sum(int(r["parts"]) for r in ds.iter_rows())
 
     def tokenize_parts(self, ctx: Any, tasks: Sequence[tuple]) -> None:
@@ -126,18 +127,39 @@ class RayEngine:
         for _ in ds.iter_rows():
             pass
 
-    def write_shards(self, builder: Any, kind: str, jobs: Sequence[Any]) -> Iterator[tuple]:
+    def write(self, packer: Any, jobs: Sequence[Any]) -> Iterator[tuple]:
         import json
 
-        from dist_llm.data.prepare.pack import ShardJob
+        from dist_llm.prepare.plan import ShardJob
 
         if not jobs:
             return
         items = [{"split": j.split, "index": j.index, "lo": j.lo, "hi": j.hi} for j in jobs]
         ds = self.ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(_ShardWriterActor, batch_size=1, concurrency=min(self.workers, len(items)),
-                            fn_constructor_args=(builder, kind), num_cpus=1)
+                            fn_constructor_args=(packer,), num_cpus=1)
         by_key = {(j.split, j.index): j for j in jobs}
         for r in ds.iter_rows():
             job = by_key[(str(r["split"]), int(r["index"]))]
             yield ShardJob(job.split, job.index, job.lo, job.hi), json.loads(r["entry"])
+
+
+class _RaySession:
+    """Phase A as one Ray Data job over the units, then (after the driver decided every part)
+    phase A2 as another: Ray gains nothing from interleaving them."""
+
+    def __init__(self, engine: RayEngine, ctx: Any) -> None:
+        self.engine, self.ctx = engine, ctx
+        self.tasks: List[tuple] = []
+
+    def process(self, src: Any) -> Iterator[Tuple[str, Optional[Dict[str, Any]]]]:
+        self.engine.process_units(self.ctx, src)
+        for p in sorted((src.work / "parts").glob("*.meta.npz")):
+            yield p.name[: -len(".meta.npz")], None
+
+    def tokenize(self, name: str, keep: np.ndarray) -> None:
+        self.tasks.append((name, keep))
+
+    def finish(self) -> None:
+        self.engine.tokenize_parts(self.ctx, self.tasks)
+        self.tasks = []

@@ -1,4 +1,4 @@
-"""The embedded default corpus: the running interpreter's standard-library Python sources.
+"""Build the embedded default corpus: the running interpreter's standard-library Python sources.
 
 Why: the demo and the tests need real text without a download. Python's stdlib is on every
 machine that runs us, is a few MB of genuine code, and sorted paths make the build
@@ -12,38 +12,15 @@ import json
 import os
 import sysconfig
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
-
+from dist_llm.config.prepare_schema import (CleanConfig, DedupConfig, EmbeddedInput, FilterConfig, PackConfig,
+                                            PackKind, PrepareConfig, PrepareInputConfig, SplitConfig,
+                                            TokenizerKind, TokenizerPrepConfig)
 from dist_llm.data.shards import read_manifest
 from dist_llm.data.tokenizer import ByteTokenizer
-
-_SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
-
-
-def stdlib_documents(max_bytes: int, stdlib_dir: Optional[str] = None) -> List[Tuple[str, bytes]]:
-    """``(relative path, UTF-8 bytes)`` of stdlib ``.py`` files in sorted path order, up to ``max_bytes``."""
-    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-    paths: List[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        rel = Path(dirpath).relative_to(root)
-        paths.extend((rel / f).as_posix() for f in filenames if f.endswith(".py"))
-    docs: List[Tuple[str, bytes]] = []
-    total = 0
-    for rel in sorted(paths):
-        try:
-            data = (root / rel).read_bytes()
-            data.decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if not data:
-            continue
-        if total + len(data) > max_bytes:
-            break
-        docs.append((rel, data))
-        total += len(data)
-    return docs
+from dist_llm.prepare.pipeline import run_prepare
+from dist_llm.prepare.readers import stdlib_documents
 
 
 def _complete(out: Path, seq_len: int) -> Optional[Dict[str, Any]]:
@@ -77,19 +54,14 @@ def build_stdlib_corpus(
     if not stdlib_documents(max_bytes):
         raise RuntimeError(f"found no readable .py files under {sysconfig.get_paths()['stdlib']} to build "
                            f"the embedded corpus; point data.train at a prepared dataset instead")
-    from dist_llm.config.prepare_schema import (CleanConfig, DedupConfig, FilterConfig, PackConfig,
-                                                PrepareConfig, PrepareInputConfig, SplitConfig,
-                                                TokenizerPrepConfig)
-    from dist_llm.data.prepare import run_prepare
-
     # The pipeline with every transformation off: byte tokens of the files exactly as they are,
     # so the shards are byte-identical to what this function wrote before the pipeline existed.
     cfg = PrepareConfig(
         output_dir=str(out), workers=1, progress="off",
-        input=PrepareInputConfig(embedded="stdlib", embedded_max_bytes=max_bytes),
+        input=PrepareInputConfig(embedded=EmbeddedInput.stdlib, embedded_max_bytes=max_bytes),
         clean=CleanConfig(steps=[]), filter=FilterConfig(enabled=False), dedup=DedupConfig(exact=False, near=False),
-        tokenizer=TokenizerPrepConfig(kind="byte"),
-        pack=PackConfig(kind="causal", seq_len=seq_len, samples_per_shard=samples_per_shard),
+        tokenizer=TokenizerPrepConfig(kind=TokenizerKind.byte),
+        pack=PackConfig(kind=PackKind.causal, seq_len=seq_len, samples_per_shard=samples_per_shard),
         split=SplitConfig(val_fraction=0.0, val_every=val_every),
     )
     run_prepare(cfg)

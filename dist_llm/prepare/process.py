@@ -26,14 +26,14 @@ import re
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dist_llm.data.prepare.clean import make_cleaner
-from dist_llm.data.prepare.dedup import MinHasher, chunk_shingles, exact_hash, word_table
-from dist_llm.data.prepare.filters import QualityFilter
-from dist_llm.data.prepare.readers import Record
+from dist_llm.prepare.clean import make_cleaner
+from dist_llm.prepare.dedup import MinHasher, chunk_shingles, exact_hash, word_table
+from dist_llm.prepare.filters import QualityFilter
+from dist_llm.prepare.readers import InputFile, Record, read_unit
 
 CANDIDATE, MALFORMED, FILTERED0 = 0, 1, 2
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -56,6 +56,37 @@ def _atomic_np(path: Path, save) -> None:
     with open(tmp, "wb") as f:
         save(f)
     os.replace(tmp, path)
+
+
+@dataclass
+class PartSource:
+    """Where phase A's parts come from: the input files cut into units and chunks (see
+    :mod:`dist_llm.prepare.readers`). Picklable: a Ray actor reads its own units with it."""
+
+    files: Sequence[InputFile]
+    units: Sequence[Sequence[int]]
+    labels: Optional[str]  # npy: the labels file
+    chunk_records: int
+    chunk_bytes: int
+    text_field: str
+    work: Path
+
+    @property
+    def paths(self) -> List[str]:
+        return [f.path for f in self.files]
+
+    def unit_chunks(self, u: int) -> Iterator[Tuple[str, List[Record]]]:
+        """``(part name, records)`` of unit ``u``."""
+        for k, records in read_unit(self.units[u], self.files, self.chunk_records, self.chunk_bytes,
+                                    self.text_field, self.labels):
+            yield part_name(u, k), records
+
+    def chunks(self, skip_done: bool = True) -> Iterator[Tuple[str, Optional[List[Record]]]]:
+        """``(part name, records)`` of every part in input order; records are None for a part
+        already on disk (with ``skip_done``)."""
+        for u in range(len(self.units)):
+            for name, records in self.unit_chunks(u):
+                yield name, None if skip_done and part_done(self.work, name) else records
 
 
 @dataclass
@@ -293,6 +324,17 @@ def run_chunk(args: Tuple[str, Sequence[Record], Sequence[str]]) -> Dict[str, An
     return _WORKER.run_text(name, records, paths)
 
 
+def clean_chunk(args: Tuple[str, Sequence[Record], Sequence[str]]) -> List[str]:
+    """Cleaned, filter-passing texts of a chunk (tokenizer training input)."""
+    _, records, paths = args
+    w = _WORKER
+    assert w is not None, "init_worker was not called in this process"
+    texts = [text for text, _ in w.texts(records, paths) if text]
+    if not w.filter.enabled:
+        return texts
+    return [text for text, bad in zip(texts, w.filter.check_many(texts, word_table(texts))) if bad is None]
+
+
 def load_part(work: Path, name: str) -> Dict[str, Any]:
     with np.load(work / "parts" / f"{name}.meta.npz") as z:
         out = {k: z[k] for k in z.files}
@@ -301,5 +343,5 @@ def load_part(work: Path, name: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["WorkerContext", "Worker", "init_worker", "run_chunk", "run_tokenize", "load_part", "part_name", "part_done",
-           "part_tokenized"]
+__all__ = ["PartSource", "WorkerContext", "Worker", "init_worker", "run_chunk", "run_tokenize", "clean_chunk",
+           "load_part", "part_name", "part_done", "part_tokenized"]
