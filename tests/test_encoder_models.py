@@ -65,3 +65,15 @@ def test_input_shape_errors_name_the_config_field():
         Bert(EncoderConfig(max_seq_len=8))(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="encoder.num_channels"):
         ViT(EncoderConfig(arch=EncoderArch.vit))(torch.zeros(1, 3, 8, 8))
+
+
+def test_all_padding_row_stays_finite():
+    m = Bert(EncoderConfig(vocab_size=50, d_model=16, n_heads=2)).eval()
+    ids = torch.randint(6, 50, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask)
+        alone = m(ids[:1], attention_mask=mask[:1])
+    assert torch.isfinite(out.mlm_logits).all() and torch.isfinite(out.nsp_logits).all()
+    assert torch.allclose(out.mlm_logits[0], alone.mlm_logits[0], atol=1e-6)

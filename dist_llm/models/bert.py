@@ -54,6 +54,10 @@ class Bert(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         x = self.tok_emb(input_ids) + self.type_emb(token_type_ids) + self.pos_emb(pos)
         x = self.emb_drop(self.emb_norm(x))
+        if attention_mask is not None:
+            # a row with no real token (a filler row of a padded eval batch) softmaxes over no key:
+            # some SDPA kernels give NaN, CPU gives 0; attend everywhere so every backend agrees
+            attention_mask = attention_mask.bool() | ~attention_mask.bool().any(-1, keepdim=True)
         for layer in self.layers:
             x = layer(x, attention_mask)
         return x, torch.tanh(self.pooler(x[:, 0]))
