@@ -174,3 +174,54 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# --- Encoders (BERT, ViT); the lead hooks EncoderConfig into ModelConfig/JobConfig ---------------
+from enum import Enum  # noqa: E402 - kept with the block it serves, so merges stay local
+
+
+class EncoderArch(str, Enum):
+    """Which encoder :func:`dist_llm.models.build_encoder` builds."""
+
+    bert = "bert"  # post-LN text encoder, MLM + NSP heads (HF BertForPreTraining numerics)
+    vit = "vit"  # pre-norm image encoder, class-token classifier (HF ViTForImageClassification)
+
+
+@dataclass
+class EncoderConfig:
+    """A bidirectional encoder. Text fields are used by ``bert``, image fields by ``vit``."""
+
+    arch: EncoderArch = EncoderArch.bert
+    n_layers: int = 2
+    n_heads: int = 4
+    d_model: int = 64
+    d_ff: Optional[int] = None  # None = 4*d_model
+    dropout: float = 0.0  # hidden and attention-probability dropout (HF's two probs, one value)
+    norm_eps: float = 1e-12  # HF BERT/ViT layer_norm_eps default
+    init_std: float = 0.02
+    qkv_bias: bool = True
+    # bert
+    vocab_size: int = 256
+    max_seq_len: int = 64  # learned positions (HF max_position_embeddings)
+    type_vocab_size: int = 2
+    pad_id: int = 0
+    # vit
+    image_size: int = 8
+    patch_size: int = 2
+    num_channels: int = 1
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix; cheap, call before building."""
+        arch = EncoderArch(self.arch)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"encoder.d_model={self.d_model} is not divisible by encoder.n_heads="
+                             f"{self.n_heads}: pick n_heads that divides d_model")
+        for name in ("n_layers", "n_heads", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"encoder.{name} must be >= 1, got {getattr(self, name)}")
+        if arch is EncoderArch.vit and self.image_size % self.patch_size:
+            raise ValueError(f"encoder.image_size={self.image_size} is not a multiple of "
+                             f"encoder.patch_size={self.patch_size}: pick a patch size that divides it")
+        if arch is EncoderArch.bert and not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"encoder.pad_id={self.pad_id} is outside encoder.vocab_size={self.vocab_size}")

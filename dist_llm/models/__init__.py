@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_llm.config.schema import ModelConfig
+from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
+from dist_llm.models.bert import Bert
 from dist_llm.models.flops import flops_per_token
 from dist_llm.models.generate import generate
 from dist_llm.models.gpt import GPT, resolve_model_config
+from dist_llm.models.vit import ViT
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -15,4 +17,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return GPT(cfg)
 
 
-__all__ = ["GPT", "build_model", "flops_per_token", "generate", "resolve_model_config"]
+def build_encoder(cfg: EncoderConfig) -> nn.Module:
+    """A :class:`~dist_llm.models.bert.Bert` or :class:`~dist_llm.models.vit.ViT` for ``cfg.arch``."""
+    return Bert(cfg) if EncoderArch(cfg.arch) is EncoderArch.bert else ViT(cfg)
+
+
+__all__ = ["Bert", "GPT", "ViT", "build_encoder", "build_model", "flops_per_token", "generate", "resolve_model_config"]

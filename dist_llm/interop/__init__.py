@@ -1,0 +1,1 @@
+"""Hugging Face import/export adapters, one module per architecture (only this package imports transformers)."""
