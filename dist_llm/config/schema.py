@@ -32,6 +32,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Start from these weights: a Hugging Face save_pretrained dir (config.json + safetensors) or one
+    # of our checkpoints (step-N/, best/, run dir). Architecture fields come from it (see
+    # docs/model-path.md); use model=pretrained so no preset sizes conflict with it.
+    init_from: Optional[str] = None
 
 
 @dataclass
