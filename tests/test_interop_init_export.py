@@ -190,3 +190,17 @@ def test_init_from_our_checkpoint_and_best_dir(tmp_path):
         load_into(model, state, str(source))
         with torch.no_grad():
             assert torch.equal(model(ids), ours(ids)), source
+
+
+def test_training_data_must_use_the_source_tokenizer(tmp_path):
+    from dist_llm.interop.init_from import check_data_tokenizer
+
+    hf_dir = _hf_dir(tmp_path, hf_gpt2(), "gpt2")
+    tok = tokenizer_from_hf_dir(hf_dir)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_shards(good / "train", tok, seq_len=16)
+    shutil.copy(hf_dir / "tokenizer.json", good / "tokenizer.json")
+    write_shards(bad / "train", ByteTokenizer(), seq_len=16)
+    check_data_tokenizer(tok, [str(good / "train")], str(hf_dir))
+    with pytest.raises(InteropError, match=r"bad/train was tokenized with a different tokenizer \(byte"):
+        check_data_tokenizer(tok, [str(bad / "train")], str(hf_dir))

@@ -187,3 +187,25 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise InteropError(f"model.init_from={source}: its weights do not fit the model: {e}") from e
+
+
+PROBE = "def main(argv):\n    return {'héllo wörld': [1, 2, 3]}  # ✓\n"
+
+
+def check_data_tokenizer(tok, train_paths, init_from: str) -> None:
+    """The training shards must be tokenized like the source model expects: same vocabulary size
+    and the same ids for a probe text (robust to the file being re-serialised by prepare)."""
+    from dist_llm.interop.run_tokenizer import manifest_tokenizer
+
+    if tok is None:
+        return
+    for path in train_paths:
+        data_tok = manifest_tokenizer(Path(path))
+        if data_tok is None:
+            continue
+        if data_tok.vocab_size != tok.vocab_size or data_tok.encode(PROBE) != tok.encode(PROBE):
+            raise InteropError(
+                f"the training data {path} was tokenized with a different tokenizer ({data_tok.kind}, "
+                f"{data_tok.vocab_size} tokens) than model.init_from={init_from} ({tok.kind}, {tok.vocab_size} "
+                f"tokens); re-prepare it with `dist-llm prepare tokenizer=file "
+                f"tokenizer.path={init_from}/tokenizer.json`")

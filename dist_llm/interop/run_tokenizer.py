@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
-def _manifest_tokenizer(split_dir: Path):
+def manifest_tokenizer(split_dir: Path):
     from dist_llm.data.tokenizer import load_tokenizer
 
     manifest = split_dir / "manifest.json"
@@ -29,9 +29,9 @@ def tokenizer_for_run_config(config: Dict[str, Any]) -> Optional[Any]:
         return tokenizer_from_hf_dir(init_from)
     data = config.get("data") or {}
     for source in data.get("train") or []:
-        tok = _manifest_tokenizer(Path(source["path"]))
+        tok = manifest_tokenizer(Path(source["path"]))
         if tok is not None:
             return tok
     if data.get("build_embedded") and data.get("embedded_dir"):
-        return _manifest_tokenizer(Path(data["embedded_dir"]) / "train")
+        return manifest_tokenizer(Path(data["embedded_dir"]) / "train")
     return None

@@ -76,9 +76,10 @@ def _apply_init_from(cfg: JobConfig):
     """``model.init_from``: the source's architecture (merged into cfg.model) and its weights."""
     if not cfg.model.init_from:
         return cfg, None
-    from dist_llm.interop.init_from import resolve_init_from
+    from dist_llm.interop.init_from import check_data_tokenizer, resolve_init_from
 
-    model_cfg, state, _tokenizer = resolve_init_from(cfg.model)
+    model_cfg, state, tokenizer = resolve_init_from(cfg.model)
+    check_data_tokenizer(tokenizer, [s.path for s in cfg.data.train], cfg.model.init_from)
     return dataclasses.replace(cfg, model=model_cfg), state
 
 
