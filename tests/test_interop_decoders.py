@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from interop_fixtures import TEXT, VOCAB, hf_gpt2, hf_llama, train_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,29 +26,8 @@ from dist_llm.models import build_model  # noqa: E402
 TOL = 1e-4
 
 
-def tiny_hf_gpt2(tie: bool = True):
-    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_hf_llama(kv_heads: int = 2, tie: bool = False):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: perturb them so a swapped norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def _ids():
-    return torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
 def _import(hf_model, adapter):
@@ -80,35 +60,33 @@ def _check_both_ways(hf_model, adapter):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_both_ways(tie):
-    cfg = _check_both_ways(tiny_hf_gpt2(tie), gpt2_adapter)
+    cfg = _check_both_ways(hf_gpt2(tie=tie), gpt2_adapter)
     assert cfg.tie_embeddings is tie and cfg.d_ff == 128
 
 
 def test_llama_gqa_untied_both_ways():
-    if not llama_adapter.HAS_GQA:
-        pytest.skip("ModelConfig.n_kv_heads not in this build")
-    cfg = _check_both_ways(tiny_hf_llama(kv_heads=2), llama_adapter)
+    cfg = _check_both_ways(hf_llama(kv_heads=2), llama_adapter)
     assert cfg.n_kv_heads == 2 and cfg.tie_embeddings is False and cfg.rope_theta == 500.0
 
 
 def test_llama_mha_tied_both_ways():
-    _check_both_ways(tiny_hf_llama(kv_heads=4, tie=True), llama_adapter)
+    _check_both_ways(hf_llama(kv_heads=4, tie=True), llama_adapter)
 
 
 def test_unsupported_options_name_the_field():
-    d = tiny_hf_llama(kv_heads=4).config.to_dict()
+    d = hf_llama(kv_heads=4).config.to_dict()
     d["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(InteropError, match="rope_scaling"):
         llama_adapter.config_from_hf(d)
-    d = tiny_hf_llama(kv_heads=4).config.to_dict()
+    d = hf_llama(kv_heads=4).config.to_dict()
     d["hidden_act"] = "gelu"
     with pytest.raises(InteropError, match="hidden_act"):
         llama_adapter.config_from_hf(d)
-    d = tiny_hf_llama(kv_heads=4).config.to_dict()
+    d = hf_llama(kv_heads=4).config.to_dict()
     d["attention_bias"] = True
     with pytest.raises(InteropError, match="attention_bias"):
         llama_adapter.config_from_hf(d)
-    d = tiny_hf_gpt2().config.to_dict()
+    d = hf_gpt2().config.to_dict()
     d["activation_function"] = "relu"
     with pytest.raises(InteropError, match="activation_function"):
         gpt2_adapter.config_from_hf(d)
@@ -116,28 +94,8 @@ def test_unsupported_options_name_the_field():
         adapter_for_model_type("bert2")
 
 
-TEXT = "def main(argv):\n    return {'héllo': [1, 2, 3]}  # ünïcode ✓ and   spaces\n"
-
-
-def _train_hf_tokenizer(tmp_path):
-    """A tiny byte-level BPE trained with `tokenizers`, saved as an HF fast tokenizer dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([TEXT * 3, "import os\nimport sys\nclass Foo(Bar): pass\n"] * 20, trainer=trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>")
-    out = tmp_path / "hf_tok"
-    fast.save_pretrained(out)
-    return out
-
-
 def test_tokenizer_from_hf_dir_encodes_like_autotokenizer(tmp_path):
-    hf_dir = _train_hf_tokenizer(tmp_path)
+    hf_dir = train_hf_tokenizer(tmp_path / "hf_tok")
     ours = tokenizer_from_hf_dir(hf_dir)
     auto = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     ids = ours.encode(TEXT)
@@ -149,7 +107,7 @@ def test_tokenizer_from_hf_dir_encodes_like_autotokenizer(tmp_path):
 
 
 def test_our_tokenizers_exported_encode_like_ours(tmp_path):
-    hf_dir = _train_hf_tokenizer(tmp_path)
+    hf_dir = train_hf_tokenizer(tmp_path / "hf_tok")
     for name, tok in {"hf": HFTokenizer(hf_dir / "tokenizer.json", eos_token="</s>"),
                       "byte": ByteTokenizer()}.items():
         out = tmp_path / f"export_{name}"

@@ -22,7 +22,6 @@ from dist_llm.config.schema import DataConfig, DatasetSource, JobConfig, ModelCo
 from dist_llm.config.store import config_to_dict  # noqa: E402
 from dist_llm.data.tokenizer import ByteTokenizer  # noqa: E402
 from dist_llm.interop import InteropError  # noqa: E402
-from dist_llm.interop import llama as llama_adapter  # noqa: E402
 from dist_llm.interop.init_from import derive_model_config, load_into, resolve_init_from  # noqa: E402
 from dist_llm.interop.tokenizer import tokenizer_from_hf_dir  # noqa: E402
 from dist_llm.models import build_model, generate  # noqa: E402
@@ -43,8 +42,6 @@ def _hf_dir(tmp_path, hf_model, name):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_init_from_hf_dir_gives_hf_logits_and_tokenizer(tmp_path, kind):
-    if kind == "llama" and not llama_adapter.HAS_GQA:
-        pytest.skip("ModelConfig.n_kv_heads not in this build")
     hf_model = hf_gpt2() if kind == "gpt2" else hf_llama(kv_heads=2, tie=False)
     hf_dir = _hf_dir(tmp_path, hf_model, kind)
     cfg, state, tok = resolve_init_from(ModelConfig(init_from=str(hf_dir), dropout=0.1))
@@ -128,9 +125,8 @@ def test_export_loads_in_transformers_with_same_logits_generation_and_tokens(tmp
                           init_std=0.2)
         tok = ByteTokenizer()
     else:  # untied, GQA when available, BPE tokenizer
-        gqa = {"n_kv_heads": 2} if llama_adapter.HAS_GQA else {}
         cfg = ModelConfig(preset="llama", n_layers=2, n_heads=4, d_model=32, max_seq_len=64, vocab_size=VOCAB,
-                          init_std=0.2, **gqa)
+                          init_std=0.2, n_kv_heads=2)
         tok = tokenizer_from_hf_dir(train_hf_tokenizer(tmp_path / "bpe"))
     ours, ckpt, run_dir = _our_checkpoint(tmp_path, cfg, tok, kind)
     out = tmp_path / f"export_{kind}"
@@ -143,7 +139,7 @@ def test_export_loads_in_transformers_with_same_logits_generation_and_tokens(tmp
     assert type(hf).__name__ == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")
     if kind == "llama":
         assert hf.config.tie_word_embeddings is False
-        assert hf.config.num_key_value_heads == (2 if llama_adapter.HAS_GQA else 4)
+        assert hf.config.num_key_value_heads == 2
     ids = _ids()
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() < TOL

@@ -7,7 +7,6 @@ and back. ``fc_gate``/``fc_in``/``fc_out`` are ``gate_proj``/``up_proj``/``down_
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict
 
 import torch
@@ -18,11 +17,10 @@ from dist_llm.models.gpt import resolve_model_config
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
-HAS_GQA = any(f.name == "n_kv_heads" for f in dataclasses.fields(ModelConfig))
 
 
 def n_kv_heads(cfg: ModelConfig) -> int:
-    return getattr(cfg, "n_kv_heads", None) or cfg.n_heads
+    return cfg.n_kv_heads or cfg.n_heads
 
 
 def _rope_theta(c: Dict[str, Any], source: str) -> float:
@@ -48,18 +46,15 @@ def config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> ModelConf
     require(head_dim == d_model // heads, source, "head_dim", head_dim,
             f"must equal hidden_size/num_attention_heads = {d_model // heads}")
     require(heads % kv == 0, source, "num_key_value_heads", kv, "must divide num_attention_heads")
-    require(kv == heads or HAS_GQA, source, "num_key_value_heads", kv,
-            "this build has no grouped-query attention (model.n_kv_heads)")
     require(c.get("pretraining_tp", 1) == 1, source, "pretraining_tp", c.get("pretraining_tp"), "set it to 1")
     attn_bias, mlp_bias = bool(c.get("attention_bias")), bool(c.get("mlp_bias"))
     require(attn_bias == mlp_bias, source, "attention_bias/mlp_bias", (attn_bias, mlp_bias),
             "model.bias switches every linear layer: both must be equal")
-    extra = {"n_kv_heads": kv} if HAS_GQA else {}
     return ModelConfig(
         preset="llama", n_layers=c["num_hidden_layers"], n_heads=heads, d_model=d_model,
         d_ff=c["intermediate_size"], max_seq_len=c["max_position_embeddings"], vocab_size=c["vocab_size"],
         bias=attn_bias, tie_embeddings=bool(c.get("tie_word_embeddings", False)), norm_eps=c["rms_norm_eps"],
-        rope_theta=_rope_theta(c, source), **extra,
+        rope_theta=_rope_theta(c, source), n_kv_heads=kv,
     )
 
 
