@@ -197,6 +197,8 @@ def test_training_data_must_use_the_source_tokenizer(tmp_path):
     write_shards(good / "train", tok, seq_len=16)
     shutil.copy(hf_dir / "tokenizer.json", good / "tokenizer.json")
     write_shards(bad / "train", ByteTokenizer(), seq_len=16)
-    check_data_tokenizer(tok, [str(good / "train")], str(hf_dir))
+    check_data_tokenizer(tok, DataConfig(train=[DatasetSource(path=str(good / "train"))]), str(hf_dir))
     with pytest.raises(InteropError, match=r"bad/train was tokenized with a different tokenizer \(byte"):
-        check_data_tokenizer(tok, [str(bad / "train")], str(hf_dir))
+        check_data_tokenizer(tok, DataConfig(train=[DatasetSource(path=str(bad / "train"))]), str(hf_dir))
+    with pytest.raises(InteropError, match=r"embedded corpus\) was tokenized with a different tokenizer"):
+        check_data_tokenizer(tok, DataConfig(build_embedded=True), str(hf_dir))

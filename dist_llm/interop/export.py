@@ -41,7 +41,7 @@ def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_t
 
     from dist_llm.interop.tokenizer import export_tokenizer
 
-    src = locate(source)
+    src = locate(source, what="dist-llm export source")
     if src.kind != "ours":
         raise InteropError(f"{source} is already a Hugging Face directory ({src.config_file}); nothing to export")
     cfg = resolve_model_config(src.model_cfg)

@@ -67,11 +67,12 @@ def _our_run_config(run_dir: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def locate(path_str: str) -> Source:
-    """Classify ``model.init_from`` and read its architecture (no weights yet)."""
+def locate(path_str: str, what: str = "model.init_from") -> Source:
+    """Classify ``model.init_from`` (or another source, named by ``what`` in errors) and read its
+    architecture (no weights yet)."""
     path = Path(path_str).expanduser()
     if not path.is_dir():
-        raise InteropError(f"model.init_from={path_str!r} is not a directory; pass a Hugging Face "
+        raise InteropError(f"{what}={path_str!r} is not a directory; pass a Hugging Face "
                            f"save_pretrained directory or one of our checkpoint/run directories")
     if (path / "config.json").is_file():
         hf = _read_json(path / "config.json")
@@ -87,7 +88,7 @@ def locate(path_str: str) -> Source:
     elif (path / "model.safetensors").is_file() and (path / "info.json").is_file():  # best/
         config, cfg_file = _our_run_config(path.parent) or {}, path.parent / "config.yaml"
     else:
-        raise InteropError(f"model.init_from={path_str!r}: found neither config.json (Hugging Face), manifest.json "
+        raise InteropError(f"{what}={path_str!r}: found neither config.json (Hugging Face), manifest.json "
                            f"(our checkpoint), checkpoints/latest (our run) nor best/ weights")
     if "model" not in config:
         raise InteropError(f"{cfg_file}: no model config stored; cannot rebuild the architecture of {path}")
@@ -192,15 +193,19 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
 PROBE = "def main(argv):\n    return {'héllo wörld': [1, 2, 3]}  # ✓\n"
 
 
-def check_data_tokenizer(tok, train_paths, init_from: str) -> None:
-    """The training shards must be tokenized like the source model expects: same vocabulary size
-    and the same ids for a probe text (robust to the file being re-serialised by prepare)."""
+def check_data_tokenizer(tok, data_cfg, init_from: str) -> None:
+    """The training shards (``data_cfg``: a DataConfig) must be tokenized like the source model
+    expects: same vocabulary size and the same ids for a probe text (robust to the file being
+    re-serialised by prepare). The embedded demo corpus is always byte-tokenized."""
+    from dist_llm.data.tokenizer import ByteTokenizer
     from dist_llm.interop.run_tokenizer import manifest_tokenizer
 
     if tok is None:
         return
-    for path in train_paths:
-        data_tok = manifest_tokenizer(Path(path))
+    sources = [(s.path, manifest_tokenizer(Path(s.path))) for s in data_cfg.train]
+    if not data_cfg.train and data_cfg.build_embedded:
+        sources = [(f"{data_cfg.embedded_dir} (embedded corpus)", ByteTokenizer())]
+    for path, data_tok in sources:
         if data_tok is None:
             continue
         if data_tok.vocab_size != tok.vocab_size or data_tok.encode(PROBE) != tok.encode(PROBE):

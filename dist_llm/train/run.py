@@ -79,7 +79,7 @@ def _apply_init_from(cfg: JobConfig):
     from dist_llm.interop.init_from import check_data_tokenizer, resolve_init_from
 
     model_cfg, state, tokenizer = resolve_init_from(cfg.model)
-    check_data_tokenizer(tokenizer, [s.path for s in cfg.data.train], cfg.model.init_from)
+    check_data_tokenizer(tokenizer, cfg.data, cfg.model.init_from)
     return dataclasses.replace(cfg, model=model_cfg), state
 
 
