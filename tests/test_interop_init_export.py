@@ -202,3 +202,17 @@ def test_training_data_must_use_the_source_tokenizer(tmp_path):
         check_data_tokenizer(tok, DataConfig(train=[DatasetSource(path=str(bad / "train"))]), str(hf_dir))
     with pytest.raises(InteropError, match=r"embedded corpus\) was tokenized with a different tokenizer"):
         check_data_tokenizer(tok, DataConfig(build_embedded=True), str(hf_dir))
+
+
+def test_init_from_sharded_safetensors(tmp_path):
+    hf_model = hf_llama(kv_heads=2, tie=False)
+    out = tmp_path / "sharded"
+    hf_model.save_pretrained(out, max_shard_size="50KB")
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    cfg, state, tok = resolve_init_from(ModelConfig(init_from=str(out)))
+    assert tok is None  # no tokenizer files there: the run keeps the data's tokenizer
+    model = build_model(cfg).eval()
+    load_into(model, state, str(out))
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max().item() < TOL
