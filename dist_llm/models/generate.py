@@ -44,6 +44,7 @@ class CachedDecoder:
         self.model, self.ids, self.key_mask, self.positions = model, ids, key_mask, positions
         self.cache = KVCache.for_model(model, ids.shape[0], capacity)
         self.next_pos = positions[:, -1] + 1
+        self.padded = not bool(key_mask.all())  # without padding a step needs no mask at all
 
     def start(self) -> torch.Tensor:
         """Logits [B, V] for the token after each prompt."""
@@ -55,7 +56,7 @@ class CachedDecoder:
         position, so a finished row never runs past the model's window."""
         self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones(len(tokens), 1)], dim=1)
         logits = self.model(tokens[:, None], kv_cache=self.cache, positions=self.next_pos[:, None],
-                            attn_mask=self.key_mask, last_only=True)[:, -1]
+                            attn_mask=self.key_mask if self.padded else None, last_only=True)[:, -1]
         self.next_pos = self.next_pos + advance.long()
         return logits
 

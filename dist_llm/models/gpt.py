@@ -139,8 +139,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
-        """``mask`` None: plain causal attention over ``x`` (training). Otherwise a boolean
-        [B, 1, T, past+T] mask (True = attend), with ``cache`` holding the past keys/values."""
+        """``mask``: a boolean [B, 1, T, past+T] mask (True = attend), or None for plain causal
+        attention over ``x`` (training) or, with a ``cache``, for one new token that sees every
+        cached position."""
         batch, seq, d_model = x.shape
         # [B, T, (H+2*Hkv)*hd] -> [B, H|Hkv, T, hd]; rows are [q; k; v], heads contiguous in each.
         q, k, v = (
@@ -154,8 +155,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)
         repeats = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
+        if cache is not None:  # a strided view of the cache is many times slower in SDPA on CPU
+            k, v = k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
         out = out.transpose(1, 2).reshape(batch, seq, d_model)
@@ -285,7 +288,8 @@ class GPT(nn.Module):
         ``kv_cache`` holds the keys/values of earlier positions and receives these;
         ``positions`` [B, T] are the position ids (default: consecutive after the cache);
         ``attn_mask`` [B, past+T] marks the real (True) and padding (False) keys of the
-        cache and this input; ``last_only`` computes logits for the last position only.
+        cache and this input (None: no padding); ``last_only`` computes logits for the last
+        position only.
         """
         seq = input_ids.shape[1]
         past = 0 if kv_cache is None else kv_cache.length
@@ -302,7 +306,7 @@ class GPT(nn.Module):
             else:
                 rope = (self.rope_cos[past:past + seq], self.rope_sin[past:past + seq])
         mask = None
-        if kv_cache is not None or attn_mask is not None:
+        if attn_mask is not None or (kv_cache is not None and seq > 1):
             mask = decoding_mask(attn_mask, input_ids.shape[0], seq, past, x.device)
         use_checkpointing = self.cfg.activation_checkpointing and self.training
         for i, block in enumerate(self.blocks):

@@ -55,13 +55,17 @@ class GenerationResult:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf the logits [B, V] outside each row's top-k (``top_k`` [B], 0 = off) and
-    outside its nucleus (``top_p`` [B]: the smallest set of most likely tokens whose
-    probability reaches top_p, 1 = off). The most likely token always survives."""
+    """Set to -inf the logits [B, V] below each row's k-th largest (``top_k`` [B], 0 = off; ties
+    with the k-th are kept) and outside its nucleus (``top_p`` [B]: the smallest set of most
+    likely tokens whose probability reaches top_p, 1 = off). The most likely token survives."""
+    use_k = top_k > 0
+    if bool(use_k.any()):
+        k_max = min(int(top_k.max()), logits.shape[-1])
+        kth = logits.topk(k_max, dim=-1).values.gather(-1, (top_k.clamp(1, k_max) - 1)[:, None])
+        logits = logits.masked_fill(use_k[:, None] & (logits < kth), float("-inf"))
+    if not bool((top_p < 1.0).any()):
+        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)
-    remove = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
     remove = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
@@ -78,8 +82,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     sampled = [i for i, t in enumerate(temperature.tolist()) if t > 0 and active[i]]
     if sampled:
         scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
-        if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-            scaled = filter_logits(scaled, top_k, top_p)
+        scaled = filter_logits(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)
         for i in sampled:
             tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
