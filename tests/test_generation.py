@@ -10,7 +10,7 @@ import torch
 
 from dist_llm.config.schema import ModelConfig
 from dist_llm.models import GPT, KVCache, SamplingParams, generate, generate_batch
-from dist_llm.models.sampling import filter_logits
+from dist_llm.models.sampling import filter_logits, sample_rows
 
 PRESETS = ["gpt2", "llama"]
 PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 300, 12, 9, 81]]
@@ -193,3 +193,19 @@ def test_old_generate_uses_cache_and_matches_batch_api(preset):
     assert model.training  # mode restored
     batch = generate_batch(model, prompt.tolist(), SamplingParams(max_new_tokens=12, temperature=0))
     assert out[:, 5:].tolist() == [r.token_ids for r in batch]
+
+
+def test_sampling_follows_the_distribution():
+    """The inverse-CDF draw: frequencies match the probabilities, a zero-probability token is
+    never drawn, and temperature/top-k act before the draw."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
+    gen = torch.Generator().manual_seed(0)
+    one = torch.ones(1)
+    draws = [sample_rows(logits, one, torch.zeros(1, dtype=torch.long), one, [gen], [True])[0]
+             for _ in range(20000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    # 20000 draws: the standard error of a frequency is at most 0.0036, so 0.015 is > 4 sigma.
+    assert (freq - torch.tensor([0.5, 0.3, 0.2, 0.0])).abs().max().item() < 0.015
+    assert freq[3] == 0
+    top2 = [sample_rows(logits, one, torch.full((1,), 2), one, [gen], [True])[0] for _ in range(2000)]
+    assert set(top2) == {0, 1}

@@ -83,9 +83,14 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     if sampled:
         scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
         scaled = filter_logits(scaled, top_k, top_p)
-        probs = scaled.softmax(dim=-1)
+        # Inverse-CDF draw: one uniform per row from its own generator (an order of magnitude
+        # cheaper than torch.multinomial for one sample). right=True never picks a token of
+        # probability 0, and u < 1 keeps the index in range.
+        cdf = scaled.softmax(dim=-1).double().cumsum(dim=-1)
         for i in sampled:
-            tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+            u = torch.rand(1, generator=generators[i], device=cdf.device, dtype=torch.float64)
+            index = torch.searchsorted(cdf[i], u * cdf[i, -1], right=True)
+            tokens[i] = index.clamp(max=cdf.shape[-1] - 1)[0]
     return tokens.tolist()
 
 
