@@ -6,9 +6,10 @@ from torch import nn
 from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
 from dist_llm.models.bert import Bert
 from dist_llm.models.flops import flops_per_token
-from dist_llm.models.generate import generate
+from dist_llm.models.generate import GenerationResult, SamplingParams, generate, generate_batch
 from dist_llm.models.gpt import GPT, resolve_model_config
 from dist_llm.models.vit import ViT
+from dist_llm.models.kv_cache import KVCache
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -22,4 +23,5 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     return Bert(cfg) if EncoderArch(cfg.arch) is EncoderArch.bert else ViT(cfg)
 
 
-__all__ = ["Bert", "GPT", "ViT", "build_encoder", "build_model", "flops_per_token", "generate", "resolve_model_config"]
+__all__ = ["Bert", "ViT", "build_encoder", "GPT", "GenerationResult", "KVCache", "SamplingParams", "build_model", "flops_per_token", "generate",
+           "generate_batch", "resolve_model_config"]
