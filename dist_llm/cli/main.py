@@ -14,6 +14,7 @@ commands:
   prepare  raw text/images -> clean, deduplicated, tokenized shards (conf/prepare.yaml)
   train    train a model (launcher=local launcher.nproc=N for an N-rank mock cluster)
   submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
+  serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -45,6 +46,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.submit import main as submit_main
 
         return submit_main(rest)
+    if cmd == "serve":
+        from dist_llm.cli.serve import main as serve_main
+
+        return serve_main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
