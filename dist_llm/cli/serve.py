@@ -48,7 +48,7 @@ def parse_serve_config(argv: List[str]) -> ServeConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow flags
     bad = [o for o in args.overrides if not o.startswith("serve.") or "=" not in o]
     if bad:
         raise ValueError(f"dist-llm serve: cannot read {bad}: overrides look like serve.<field>=<value>, "
@@ -59,13 +59,14 @@ def parse_serve_config(argv: List[str]) -> ServeConfig:
         if value is not None and f.name != "model_path":
             setattr(cfg, f.name, value)
     if args.ray:
-        cfg.backend = ServeBackend.RAY
+        cfg.backend = ServeBackend.ray
     try:
         node = OmegaConf.merge(OmegaConf.structured(cfg),
                                OmegaConf.from_dotlist([o[len("serve."):] for o in args.overrides]))
         cfg = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
-        raise ValueError(f"dist-llm serve: bad override: {e}") from None
+        key = getattr(e, "full_key", None) or "?"
+        raise ValueError(f"dist-llm serve: bad override serve.{key}: {getattr(e, 'msg', e)}") from None
     validate_serve_config(cfg)
     return cfg
 
@@ -76,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.backend == ServeBackend.RAY:
+    if cfg.backend == ServeBackend.ray:
         from dist_llm.serve.ray_backend import run_ray
 
         return run_ray(cfg)

@@ -12,8 +12,9 @@ from typing import Optional
 
 
 class ServeBackend(str, enum.Enum):
-    LOCAL = "local"  # uvicorn in this process, one model, one batching worker thread
-    RAY = "ray"  # Ray Serve: the same FastAPI app in `ray_replicas` replicas
+    # lower-case names: OmegaConf matches overrides (serve.backend=ray) against member names
+    local = "local"  # uvicorn in this process, one model, one batching worker thread
+    ray = "ray"  # Ray Serve: the same FastAPI app in `ray_replicas` replicas
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ServeConfig:
     max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
     default_max_tokens: int = 16  # max_tokens when a request leaves it out (OpenAI's completions default)
     request_timeout_s: float = 120.0  # a request not answered by then gets 504
-    backend: ServeBackend = ServeBackend.LOCAL
+    backend: ServeBackend = ServeBackend.local
     ray_address: Optional[str] = None  # an existing cluster (e.g. 127.0.0.1:6379); None = start a local one
     ray_replicas: int = 1
     ray_cpus_per_replica: float = 1.0

@@ -13,9 +13,9 @@ its batch has not started yet. A failing batch fails only its own requests; the 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -53,6 +53,35 @@ class SchedulerStats:
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 
 
+class RequestQueue:
+    """A bounded FIFO whose slots held by cancelled requests are reclaimed when it is full (a
+    caller that timed out must not keep blocking newcomers while the worker is busy)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._items: "deque[GenerationRequest]" = deque()
+        self._cv = threading.Condition()
+
+    def put(self, req: GenerationRequest) -> None:
+        with self._cv:
+            if len(self._items) >= self.maxsize:
+                self._items = deque(r for r in self._items if not r.future.cancelled())
+            if len(self._items) >= self.maxsize:
+                raise QueueFullError(f"the request queue is full ({self.maxsize} waiting); retry later")
+            self._items.append(req)
+            self._cv.notify()
+
+    def get(self, timeout: float) -> Optional[GenerationRequest]:
+        with self._cv:
+            if not self._items and timeout > 0:
+                self._cv.wait_for(lambda: bool(self._items), timeout)
+            return self._items.popleft() if self._items else None
+
+    def live(self) -> int:
+        with self._cv:
+            return sum(not r.future.cancelled() for r in self._items)
+
+
 class BatchScheduler:
     def __init__(self, run_batch: BatchRunner, max_batch_size: int, batch_timeout_ms: float, max_queue: int):
         if max_batch_size < 1 or max_queue < 1:
@@ -60,7 +89,7 @@ class BatchScheduler:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_ms / 1000.0
-        self._queue: "queue.Queue[GenerationRequest]" = queue.Queue(maxsize=max_queue)
+        self._queue = RequestQueue(max_queue)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.stats = SchedulerStats()
@@ -77,11 +106,7 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        while True:  # whoever still waits gets an answer instead of hanging
-            try:
-                req = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while (req := self._queue.get(0)) is not None:  # whoever still waits gets an answer, not a hang
             if req.future.set_running_or_notify_cancel():
                 req.future.set_exception(RuntimeError("the server is shutting down"))
 
@@ -90,7 +115,8 @@ class BatchScheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Requests waiting for a batch (cancelled ones not counted)."""
+        return self._queue.live()
 
     # --- producer side (any thread) ---
     def submit(self, prompt_ids: List[int], params: Any,
@@ -98,27 +124,22 @@ class BatchScheduler:
         if self._stop.is_set():
             raise RuntimeError("the scheduler is stopped")
         req = GenerationRequest(list(prompt_ids), params, on_token)
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise QueueFullError(f"the request queue is full ({self._queue.maxsize} waiting); retry later") from None
+        self._queue.put(req)  # raises QueueFullError
         return req.future
 
     # --- worker side ---
     def _collect(self) -> List[GenerationRequest]:
         """Block for a first request, then gather more until the batch is full or its window closes."""
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
+        first = self._queue.get(timeout=0.1)
+        if first is None:
             return []
         batch = [first]
         deadline = time.monotonic() + self.batch_timeout_s
         while len(batch) < self.max_batch_size:
-            left = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-            except queue.Empty:
+            nxt = self._queue.get(timeout=deadline - time.monotonic())
+            if nxt is None:
                 break
+            batch.append(nxt)
         # skip requests whose caller already gave up; mark the rest running (no cancel from now on)
         return [r for r in batch if r.future.set_running_or_notify_cancel()]
 
