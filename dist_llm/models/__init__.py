@@ -5,8 +5,9 @@ from torch import nn
 
 from dist_llm.config.schema import ModelConfig
 from dist_llm.models.flops import flops_per_token
-from dist_llm.models.generate import generate
+from dist_llm.models.generate import GenerationResult, SamplingParams, generate, generate_batch
 from dist_llm.models.gpt import GPT, resolve_model_config
+from dist_llm.models.kv_cache import KVCache
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -15,4 +16,5 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return GPT(cfg)
 
 
-__all__ = ["GPT", "build_model", "flops_per_token", "generate", "resolve_model_config"]
+__all__ = ["GPT", "GenerationResult", "KVCache", "SamplingParams", "build_model", "flops_per_token", "generate",
+           "generate_batch", "resolve_model_config"]

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_llm.config.schema import ModelConfig
+from dist_llm.models.kv_cache import KVCache
 
 PRESETS = ("gpt2", "llama")
 IGNORE_INDEX = -100
@@ -136,7 +137,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bool(cfg.bias))
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        """``mask`` None: plain causal attention over ``x`` (training). Otherwise a boolean
+        [B, 1, T, past+T] mask (True = attend), with ``cache`` holding the past keys/values."""
         batch, seq, d_model = x.shape
         # [B, T, (H+2*Hkv)*hd] -> [B, H|Hkv, T, hd]; rows are [q; k; v], heads contiguous in each.
         q, k, v = (
@@ -146,10 +150,13 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
         repeats = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         out = out.transpose(1, 2).reshape(batch, seq, d_model)
         return self.resid_dropout(self.proj(out))
@@ -189,9 +196,29 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)
         return x + self.mlp(self.norm2(x))
+
+
+def decoding_mask(key_mask: Optional[torch.Tensor], batch: int, seq: int, past: int,
+                  device: torch.device) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, past+T] for ``seq`` new queries after ``past`` cached
+    positions: causal, minus padding keys (``key_mask`` [B, past+T], False = padding). A query
+    always sees itself, so a padding row's softmax stays finite (its output is never used)."""
+    keys = torch.arange(past + seq, device=device)
+    queries = torch.arange(past, past + seq, device=device).unsqueeze(1)
+    causal = keys <= queries  # [T, past+T]
+    if key_mask is None:
+        return causal.expand(batch, 1, seq, past + seq)
+    if key_mask.shape != (batch, past + seq):
+        raise ValueError(
+            f"attn_mask must be [batch, cached + new positions] = [{batch}, {past + seq}], "
+            f"got {tuple(key_mask.shape)}"
+        )
+    mask = causal & key_mask.bool()[:, None, :]
+    return (mask | (keys == queries)).unsqueeze(1)
 
 
 class GPT(nn.Module):
@@ -242,36 +269,70 @@ class GPT(nn.Module):
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
 
     def forward(
-        self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        kv_cache: Optional[KVCache] = None,
+        positions: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] (float32) when ``targets`` is None, else the scalar mean
-        cross-entropy over positions whose target is not -100."""
+        cross-entropy over positions whose target is not -100.
+
+        Decoding hooks (all None in training, which then runs exactly as without them):
+        ``kv_cache`` holds the keys/values of earlier positions and receives these;
+        ``positions`` [B, T] are the position ids (default: consecutive after the cache);
+        ``attn_mask`` [B, past+T] marks the real (True) and padding (False) keys of the
+        cache and this input; ``last_only`` computes logits for the last position only.
+        """
         seq = input_ids.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(
-                f"input length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                f"raise model.max_seq_len or lower train.seq_len"
-            )
+        past = 0 if kv_cache is None else kv_cache.length
+        self._check_positions(seq, past, positions)
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(seq, device=input_ids.device))
+            pos = positions if positions is not None else torch.arange(past, past + seq, device=x.device)
+            x = x + self.pos_emb(pos)
         x = self.emb_dropout(x)
         rope: Rope = None
         if self.rope_cos is not None and self.rope_sin is not None:
-            rope = (self.rope_cos[:seq], self.rope_sin[:seq])
+            if positions is not None:  # per-row positions: [B, 1, T, hd] broadcasts over heads
+                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+            else:
+                rope = (self.rope_cos[past:past + seq], self.rope_sin[past:past + seq])
+        mask = None
+        if kv_cache is not None or attn_mask is not None:
+            mask = decoding_mask(attn_mask, input_ids.shape[0], seq, past, x.device)
         use_checkpointing = self.cfg.activation_checkpointing and self.training
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if use_checkpointing:
                 # Recompute the block in backward instead of storing its activations.
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, kv_cache, i, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.final_norm(x)).float()
         if targets is None:
             return logits
         return F.cross_entropy(
             logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
+
+    def _check_positions(self, seq: int, past: int, positions: Optional[torch.Tensor]) -> None:
+        if positions is None:
+            if past + seq > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"input length {past + seq} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                    f"raise model.max_seq_len or lower train.seq_len"
+                )
+        elif positions.numel() and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond model.max_seq_len={self.cfg.max_seq_len}"
+            )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, shared (tied) tensors counted once.
