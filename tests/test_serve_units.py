@@ -21,13 +21,6 @@ from dist_llm.serve.server import BackgroundServer
 from dist_llm.serve.text import TextAssembler, cut_at_stop
 from serve_helpers import write_tiny_checkpoint
 
-try:  # TEMPORARY: until wt-dec's generate_batch is merged
-    from dist_llm.models.generate import generate_batch  # noqa: F401
-except ImportError:
-    import _generate_shim
-
-    _generate_shim.install()
-
 
 # --- scheduler ---
 def _echo_runner(log):

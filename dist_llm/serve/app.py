@@ -120,7 +120,7 @@ class ServerState:
             raise APIError(504, f"the request was not answered within {self.cfg.request_timeout_s}s "
                                 f"(serve.request_timeout_s)", type_="server_error", code="timeout") from None
         asm = TextAssembler(self.lm.tokenizer.decode, job.stops)
-        _, text, hit = asm.finish(res.token_ids)
+        _, text, hit = asm.finish(res.token_ids, getattr(res, "text", None))
         return text, "stop" if hit else res.finish_reason, len(res.token_ids)
 
     async def stream(self, job: Job) -> Tuple[Any, "asyncio.Queue[Any]"]:
@@ -154,7 +154,7 @@ async def stream_deltas(state: ServerState, job: Job, fut, q) -> AsyncIterator[T
             raise APIError(500, f"generation failed: {fut.exception() if not fut.cancelled() else 'cancelled'}",
                            type_="server_error")
         res = fut.result()
-        delta, _, hit = asm.finish(res.token_ids)
+        delta, _, hit = asm.finish(res.token_ids, getattr(res, "text", None))
         yield delta, "stop" if hit else res.finish_reason, len(res.token_ids)
     finally:
         fut.cancel()  # no effect once running; frees the slot if the client left before its batch

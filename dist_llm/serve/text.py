@@ -62,11 +62,12 @@ class TextAssembler:
                 text = text[: max(len(text) - self._hold, 0)]
         return self._release(text)
 
-    def finish(self, final_ids: Optional[List[int]] = None) -> Tuple[str, str, bool]:
+    def finish(self, final_ids: Optional[List[int]] = None, final_text: Optional[str] = None) -> Tuple[str, str, bool]:
         """Generation is over: (the last delta, the full text, whether a stop string ended it).
-        ``final_ids`` (the generator's result) wins over the streamed ids if they differ."""
+        The generator's result wins over the streamed ids: ``final_text`` (already cut before a
+        stop string, keeping any part of a token before it) or else ``final_ids``."""
         ids = self.ids if final_ids is None else [int(i) for i in final_ids]
-        full, hit = cut_at_stop(self._decode(ids), self._stops)
+        full, hit = cut_at_stop(self._decode(ids) if final_text is None else final_text, self._stops)
         delta = full[len(self.sent):] if full.startswith(self.sent) else ""
         self.sent += delta
         return delta, full, hit
