@@ -30,6 +30,9 @@ from dist_llm.serve.model_loader import load_for_serving  # noqa: E402
 from dist_llm.serve.server import BackgroundServer  # noqa: E402
 
 MODEL = dict(n_layers=4, n_heads=8, d_model=256, max_seq_len=256)
+# long enough for 16 clients started together to land in one batch (their requests arrive over
+# a few ms); a batch does not take newcomers once it runs
+BATCH_TIMEOUT_MS = 50
 
 
 def one_round(base_url: str, model: str, prompts, max_tokens: int) -> dict:
@@ -52,7 +55,7 @@ def one_round(base_url: str, model: str, prompts, max_tokens: int) -> dict:
 
 
 def measure(ckpt: Path, batch: int, prompts, max_tokens: int, repeats: int, device: str) -> dict:
-    cfg = ServeConfig(model_path=str(ckpt), max_batch_size=batch, batch_timeout_ms=20, max_queue=64,
+    cfg = ServeConfig(model_path=str(ckpt), max_batch_size=batch, batch_timeout_ms=BATCH_TIMEOUT_MS, max_queue=64,
                       max_tokens_limit=max_tokens, device=device)
     lm = load_for_serving(cfg)
     with BackgroundServer(create_app(cfg, loaded=lm)) as srv:

@@ -25,6 +25,9 @@ def _free_port() -> int:
 
 
 def test_ray_serve_two_replicas_answer_the_openai_client(ray_cluster, tmp_path, monkeypatch):
+    for k, v in ray_cluster["env"].items():  # the cluster's token authentication, before Ray reads it
+        if k.startswith("RAY_AUTH"):
+            monkeypatch.setenv(k, v)
     try:
         from ray import serve  # noqa: F401
     except ImportError as e:
@@ -34,9 +37,6 @@ def test_ray_serve_two_replicas_answer_the_openai_client(ray_cluster, tmp_path, 
     from dist_llm.config.serve_schema import ServeBackend, ServeConfig
     from dist_llm.serve import ray_backend
 
-    for k, v in ray_cluster["env"].items():  # the cluster's token authentication
-        if k.startswith("RAY_AUTH"):
-            monkeypatch.setenv(k, v)
     ckpt = write_tiny_checkpoint(tmp_path)
     port = _free_port()
     cfg = ServeConfig(model_path=str(ckpt), backend=ServeBackend.ray, ray_address=ray_cluster["address"],
