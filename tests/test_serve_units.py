@@ -176,3 +176,39 @@ def test_full_queue_is_503_and_timeout_is_504_then_the_server_recovers(tmp_path,
             client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
             ok = client.completions.create(model="run/step-00000002", prompt="b", max_tokens=2, temperature=0)
             assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+# --- the real command ---
+def test_dist_llm_serve_command_serves_on_localhost(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ckpt = write_tiny_checkpoint(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dist_llm.cli.main", "serve", str(ckpt.parents[1]), "--port",
+                             str(port), "--device", "cpu", "--log-level", "warning", "serve.max_batch_size=4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        end = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < end, proc.communicate(timeout=5)[0][-3000:]
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert client.models.list().data[0].id == "run"
+        r = client.completions.create(model="run", prompt="hello", max_tokens=3, temperature=0)
+        assert 1 <= r.usage.completion_tokens <= 3
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "dist_llm.cli.main", "serve", str(ckpt), "--port", "70000"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "serve.port=70000" in bad.stderr

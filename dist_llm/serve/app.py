@@ -16,9 +16,9 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, List, Optional, Tuple, Union
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -212,6 +212,64 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
 
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    st = _state(request)
+    s = st.scheduler.stats
+    body = {"status": "ok" if st.scheduler.alive else "worker stopped", "model": st.lm.name,
+            "queued": st.scheduler.queued(), "batches": s.batches, "requests": s.requests,
+            "max_batch_seen": s.max_batch_seen, "pid": os.getpid()}  # pid: which replica answered
+    return JSONResponse(body, status_code=200 if st.scheduler.alive else 503)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    lm = _state(request).lm
+    return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": now(),
+                                        "owned_by": "dist-llm", "max_model_len": lm.max_seq_len}]}
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    st = _state(request)
+    jobs = st.plan(body, body.prompts())
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": st.lm.name}
+    if body.stream:
+        def chunk(delta, reason, _first):
+            return {**head, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]}
+        return await _stream_response(st, jobs[0], _include_usage(body), chunk)
+    outs = await asyncio.gather(*(st.complete(j) for j in jobs))
+    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+               for i, (text, reason, _) in enumerate(outs)]
+    return {**head, "choices": choices, "usage": usage(sum(len(j.ids) for j in jobs), sum(n for _, _, n in outs))}
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request):
+    st = _state(request)
+    prompt, extra_stops = render_chat(st.lm.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+    (job,) = st.plan(body, [prompt], extra_stops)
+    head = {"id": new_id("chatcmpl"), "created": now(), "model": st.lm.name}
+    if body.stream:
+        def chunk(delta, reason, first):
+            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]}
+        return await _stream_response(st, job, _include_usage(body), chunk)
+    text, reason, n = await st.complete(job)
+    return {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason}],
+            "usage": usage(len(job.ids), n)}
+
+
 def create_app(cfg: ServeConfig, loaded: Optional[LoadedModel] = None) -> FastAPI:
     """The API for ``cfg``; pass ``loaded`` to serve a model already in memory (tests, bench)."""
 
@@ -228,56 +286,5 @@ def create_app(cfg: ServeConfig, loaded: Optional[LoadedModel] = None) -> FastAP
 
     app = FastAPI(title="dist-llm", lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.get("/health")
-    async def health(request: Request):
-        st = _state(request)
-        s = st.scheduler.stats
-        body = {"status": "ok" if st.scheduler.alive else "worker stopped", "model": st.lm.name,
-                "queued": st.scheduler.queued(), "batches": s.batches, "requests": s.requests,
-                "max_batch_seen": s.max_batch_seen, "pid": os.getpid()}  # pid: which replica answered
-        return JSONResponse(body, status_code=200 if st.scheduler.alive else 503)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        lm = _state(request).lm
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": now(),
-                                            "owned_by": "dist-llm", "max_model_len": lm.max_seq_len}]}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        st = _state(request)
-        jobs = st.plan(body, body.prompts())
-        rid, created = new_id("cmpl"), now()
-        head = {"id": rid, "object": "text_completion", "created": created, "model": st.lm.name}
-        if body.stream:
-            def chunk(delta, reason, _first):
-                return {**head, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]}
-            return await _stream_response(st, jobs[0], bool(body.stream_options and body.stream_options.include_usage),
-                                    chunk)
-        outs = await asyncio.gather(*(st.complete(j) for j in jobs))
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, reason, _) in enumerate(outs)]
-        return {**head, "choices": choices,
-                "usage": usage(sum(len(j.ids) for j in jobs), sum(n for _, _, n in outs))}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        st = _state(request)
-        prompt, extra_stops = render_chat(st.lm.tokenizer, [{"role": m.role, "content": m.text()}
-                                                            for m in body.messages])
-        (job,) = st.plan(body, [prompt], extra_stops)
-        head = {"id": new_id("chatcmpl"), "created": now(), "model": st.lm.name}
-        if body.stream:
-            def chunk(delta, reason, first):
-                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]}
-            return await _stream_response(st, job, bool(body.stream_options and body.stream_options.include_usage), chunk)
-        text, reason, n = await st.complete(job)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": reason}],
-                "usage": usage(len(job.ids), n)}
-
+    app.include_router(router)
     return app
