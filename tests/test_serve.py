@@ -183,3 +183,19 @@ def test_sse_wire_format_ends_with_done(server, model_id):
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_serves_a_checkpoint_written_by_a_real_training_run(workdir):
+    """`dist-llm train` (1 rank, 4 steps) -> `create_app` over its run directory: the manifest's
+    config, the tied LM head and the relative path of the embedded corpus all resolve."""
+    from helpers import TINY, run_cli
+
+    run_cli(["train", *TINY, "name=srv", "launcher.nproc=1", "train.max_steps=4", "train.eval_every=0",
+             "train.ckpt_every=0"], cwd=workdir)
+    run = workdir / "runs" / "srv"
+    cfg = ServeConfig(model_path=str(run), device="cpu", max_tokens_limit=16)
+    with BackgroundServer(create_app(cfg)) as srv:
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model="srv", prompt="def ", max_tokens=8, temperature=0)
+    assert r.choices[0].text == reference_greedy(run, "def ", 8)
