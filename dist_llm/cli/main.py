@@ -16,6 +16,7 @@ commands:
   submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
   export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
+  serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -55,6 +56,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.export import main as export_main
 
         return export_main(rest)
+    if cmd == "serve":
+        from dist_llm.cli.serve import main as serve_main
+
+        return serve_main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
