@@ -126,7 +126,7 @@ class CheckpointManager:
                    rank_file)
         with open(rank_file, "rb") as f:
             os.fsync(f.fileno())
-        if hasattr(engine, "save_sharded"):  # collective; inside tmp, so it commits with the rest
+        if engine.supports_sharded:  # collective; inside tmp, so it commits with the rest
             engine.save_sharded(tmp / "sharded")
         if crash_hook is not None:
             crash_hook()
@@ -136,7 +136,7 @@ class CheckpointManager:
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"format": "dist-llm-checkpoint/1", "step": step, "world_size": self.layout.world_size,
                         "dp": self.layout.dp, "tp": getattr(self.layout, "tp", 1), "pp": getattr(self.layout, "pp", 1),
-                        "engine": type(engine).__name__, "files": files, "config": config, "versions": versions()}
+                        "engine": engine.checkpoint_name, "files": files, "config": config, "versions": versions()}
             write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
             fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
@@ -189,9 +189,9 @@ class CheckpointManager:
         lay = self.layout
         tp, pp = getattr(lay, "tp", 1), getattr(lay, "pp", 1)
         same_layout = (manifest.get("world_size"), manifest.get("tp", 1), manifest.get("pp", 1)) == (lay.world_size, tp, pp)
-        same_engine = manifest.get("engine", type(engine).__name__) == type(engine).__name__
-        sharded = hasattr(engine, "load_sharded") and (path / "sharded").is_dir() and same_engine
-        if not same_layout and not (sharded and getattr(engine, "reshardable", False)):
+        same_engine = manifest.get("engine", engine.checkpoint_name) == engine.checkpoint_name
+        sharded = engine.supports_sharded and (path / "sharded").is_dir() and same_engine
+        if not same_layout and not (sharded and engine.reshardable):
             raise CheckpointError(
                 f"checkpoint {path} was saved by {manifest.get('world_size')} ranks (tp={manifest.get('tp', 1)}, "
                 f"pp={manifest.get('pp', 1)}) but this job has {lay.world_size} (tp={tp}, pp={pp}): resume "

@@ -8,7 +8,6 @@ partition as plain tensors, which the checkpoint module stores as safetensors / 
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List
 
@@ -16,52 +15,11 @@ import torch
 from torch import nn
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.engine import StepStats
+from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
+from dist_llm.parallel.engine import Engine, StepStats
 from dist_llm.parallel.layout import ParallelLayout
 
 _LIVE = "__live__"  # placeholder for a non-plain object; restored from the live optimizer on load
-
-
-def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
-    tr, opt, par = cfg.train, cfg.optim, cfg.parallel
-    zero: Dict[str, Any] = {"stage": par.zero_stage}
-    if par.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if par.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if par.zero_stage == 3:
-        # Small test models would otherwise keep every parameter unpartitioned (persistence
-        # threshold) and never exercise the gather path.
-        zero["stage3_param_persistence_threshold"] = 0
-    return {
-        "train_batch_size": tr.global_batch_size,
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.global_batch_size // (tr.micro_batch_size * dp),
-        "gradient_clipping": opt.grad_clip,
-        "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps,
-                       "weight_decay": opt.weight_decay,
-                       # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam kernels need a compiler
-                       # and differ numerically; offload needs DeepSpeed's CPU Adam.
-                       "torch_adam": not par.offload_optimizer},
-        },
-        "bf16": {"enabled": par.precision == "bf16"},
-        "fp16": {"enabled": par.precision == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """No weight decay on biases, norms and other 1-D parameters (standard GPT practice)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _plain(obj: Any) -> Any:
@@ -101,7 +59,10 @@ def _skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
+    """Full weights and per-rank optimizer partitions; no sharded checkpoint (``supports_sharded``
+    is False), so a checkpoint resumes only at the same world size."""
+
     def __init__(self, cfg: JobConfig, model: nn.Module, layout: ParallelLayout):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if layout.device.type == "cpu" else "cuda")
         import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
@@ -130,18 +91,10 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in micro_batches:
-            loss = self._loss(mb)
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().double()
+        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device)
         self.layout.all_reduce_sum(total)
-        gn = self.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else math.nan
+        gn = global_grad_norm(self.engine)
         return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn)
 
     @torch.no_grad()

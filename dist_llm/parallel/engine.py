@@ -1,18 +1,25 @@
-"""The interface the trainer talks to. DeepSpeed (ZeRO data parallelism) and Megatron-core
-(tensor/pipeline parallelism, ZeRO over the DP group) implement it.
+"""The interface the trainer and the checkpoint manager talk to.
+
+Three engines implement it (``build_engine`` in :mod:`dist_llm.parallel.build` picks one):
+:class:`~dist_llm.parallel.deepspeed_engine.DeepSpeedEngine` (ZeRO data parallelism),
+:class:`~dist_llm.parallel.megatron.zero_engine.MegatronDeepSpeedEngine` (Megatron TP, ``pp = 1``)
+and :class:`~dist_llm.parallel.megatron.pipeline_engine.MegatronPipelineEngine` (``pp > 1``).
 
 The trainer never sees DeepSpeed or Megatron objects: it hands over micro-batches and a learning
 rate and gets numbers back, and it saves/loads state through these methods.
 
-Optional, for engines whose checkpoints reshard (the Megatron engine): ``save_sharded(dir)`` /
-``load_sharded(dir)`` (collective; the checkpoint manager calls them inside the step's tmp
-directory before the commit, and prefers them on load) and ``reshardable = True`` (the manager
-then accepts a checkpoint saved at another world size / tp / pp).
+Sharded checkpoints are part of the interface with defaults: an engine whose checkpoints reshard
+sets ``supports_sharded = True`` and implements :meth:`Engine.save_sharded` /
+:meth:`Engine.load_sharded` (the checkpoint manager calls them inside the step's tmp directory
+before the commit, and prefers them on load); with ``reshardable = True`` the manager also
+accepts a checkpoint saved at another world size / tp / pp. The manager never calls them on an
+engine with ``supports_sharded = False``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Protocol
+from pathlib import Path
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -24,24 +31,48 @@ class StepStats:
     grad_norm: float  # global 2-norm before clipping (nan when the engine does not compute it)
 
 
-class Engine(Protocol):
+class Engine:
     model: nn.Module  # the plain model (unwrapped), e.g. for generation
+    supports_sharded: bool = False  # has save_sharded/load_sharded
+    reshardable: bool = False  # its sharded checkpoints load at another world size / tp / pp
+
+    @property
+    def checkpoint_name(self) -> str:
+        """Recorded as ``engine`` in a checkpoint's manifest; a checkpoint restores optimizer
+        state and sharded files only into an engine of the same name."""
+        return type(self).__name__
 
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         """Forward/backward every micro-batch ([B, T+1] token ids), then one optimizer step."""
+        raise NotImplementedError
 
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
         """Mean token loss over these micro-batches on all data-parallel ranks (no grad)."""
+        raise NotImplementedError
 
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full fp32 weights in the plain model's names. Collective: every rank must call it."""
+        raise NotImplementedError
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Load full weights (same names). Collective."""
+        raise NotImplementedError
 
     def optimizer_state(self) -> Dict[str, Any]:
         """This rank's optimizer state: only tensors and plain Python values (safe to load
         with ``torch.load(weights_only=True)``)."""
+        raise NotImplementedError
 
     def load_optimizer_state(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`optimizer_state` returned on the same rank of the same layout."""
+        raise NotImplementedError
+
+    def save_sharded(self, directory: Path) -> None:
+        """Write weights + optimizer state into ``directory`` (collective)."""
+        raise NotImplementedError(f"{type(self).__name__} writes no sharded checkpoint "
+                                  f"(supports_sharded is False)")
+
+    def load_sharded(self, directory: Path) -> None:
+        """Restore what :meth:`save_sharded` wrote, possibly at another layout (collective)."""
+        raise NotImplementedError(f"{type(self).__name__} loads no sharded checkpoint "
+                                  f"(supports_sharded is False)")

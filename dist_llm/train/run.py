@@ -60,18 +60,6 @@ def _prepare_embedded(cfg: JobConfig, layout) -> JobConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(data, train=train, val=val))
 
 
-def build_engine(cfg: JobConfig, model, layout):
-    if cfg.parallel.engine == "deepspeed":
-        from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, layout)
-    if cfg.parallel.engine == "megatron":
-        from dist_llm.parallel.megatron.engine import MegatronEngine
-
-        return MegatronEngine(cfg, model, layout)
-    raise ValueError(f"parallel.engine={cfg.parallel.engine!r} is not available")
-
-
 def _apply_init_from(cfg: JobConfig):
     """``model.init_from``: the source's architecture (merged into cfg.model) and its weights."""
     if not cfg.model.init_from:
@@ -109,6 +97,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
     from dist_llm.data import TrainLoader, ValLoader
     from dist_llm.models import build_model, flops_per_token
     from dist_llm.observability import build_logger, make_progress
+    from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
     from dist_llm.train.trainer import Trainer

@@ -1,4 +1,5 @@
-"""Megatron-core engine: tensor/pipeline parallelism with ZeRO over the data-parallel group.
+"""Megatron-core engines: tensor/pipeline parallelism with ZeRO over the data-parallel group
+(``zero_engine``: pp = 1, DeepSpeed ZeRO; ``pipeline_engine``: pp > 1, Megatron schedules).
 
 Import Megatron only through :func:`import_parallel_state` so that, on a machine without CUDA,
 the compatibility layer (``cpu_compat``) is active before Megatron's first import.

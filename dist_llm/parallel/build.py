@@ -1,0 +1,30 @@
+"""Engine selection: the one place that maps a job config to an engine class."""
+from __future__ import annotations
+
+from dist_llm.config.schema import JobConfig
+
+
+def engine_class(cfg: JobConfig) -> type:
+    """``parallel.engine=deepspeed`` -> DeepSpeedEngine; ``megatron`` with ``pp = 1`` ->
+    MegatronDeepSpeedEngine (DeepSpeed ZeRO over DP around the TP model), with ``pp > 1`` ->
+    MegatronPipelineEngine (Megatron-core schedules + DPShardedAdamW). Importing an engine
+    module does not import DeepSpeed or Megatron; constructing the engine does."""
+    engine = cfg.parallel.engine
+    if engine == "deepspeed":
+        from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    if engine == "megatron":
+        if cfg.parallel.pp > 1:
+            from dist_llm.parallel.megatron.pipeline_engine import MegatronPipelineEngine
+
+            return MegatronPipelineEngine
+        from dist_llm.parallel.megatron.zero_engine import MegatronDeepSpeedEngine
+
+        return MegatronDeepSpeedEngine
+    raise ValueError(f"parallel.engine={engine!r} is not available: use deepspeed or megatron")
+
+
+def build_engine(cfg: JobConfig, model, layout):
+    """The engine for this config around ``model`` (the plain model, same weights on every rank)."""
+    return engine_class(cfg)(cfg, model, layout)
