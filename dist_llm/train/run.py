@@ -36,6 +36,9 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    from dist_llm.observability.redact import install_log_redaction
+
+    install_log_redaction()  # every handler of the root logger: secrets never reach a log line
 
 
 def _seed_all(seed: int) -> None:
