@@ -125,7 +125,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
         val_loader = None
         if cfg.data.val and tr.eval_every:
             val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
-                                   tr.eval_batches * tr.global_batch_size)
+                                   tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums)
 
         _seed_all(tr.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
