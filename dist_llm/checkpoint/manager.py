@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.checkpoint.pickle_scan import forbidden_globals
 from dist_llm.fileio import UnsafePathError, fsync_dir, safe_join, sha256_file, write_atomic
 from dist_llm.observability.redact import redact
 from dist_llm.parallel.layout import ParallelLayout
@@ -389,6 +390,18 @@ class CheckpointManager:
         rank_name = plan[3]
         self.verify(path, manifest, skip=lambda rel: re.fullmatch(r"rank-\d{5}\.pt", rel) is not None
                     and rel != rank_name)
+        sharded_files = [rel for rel in manifest["files"] if rel.startswith("sharded/")]
+        if sharded_files and not plan[2] and manifest.get("engine") == type(engine).__name__:
+            raise CheckpointError(f"checkpoint {path} lists {path / sharded_files[0]} but it was saved by "
+                                  f"{type(engine).__name__}, which never writes sharded/: the files were added "
+                                  f"after the save; remove them or resume from another checkpoint")
+        for rel in sharded_files:  # torch DCP unpickles .metadata: only known classes may appear
+            if rel.rsplit("/", 1)[-1] == ".metadata" or rel.endswith((".pkl", ".pickle")):
+                bad = forbidden_globals((path / rel).read_bytes())
+                if bad:
+                    raise CheckpointError(f"checkpoint file {path / rel} is a pickle that would import "
+                                          f"{', '.join(sorted(set(bad))[:5])}: refused (crafted or not written by "
+                                          f"torch.distributed.checkpoint)")
         self._verified = path
         return plan
 
