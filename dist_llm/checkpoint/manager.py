@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_llm.checkpoint.pickle_scan import forbidden_globals
+from dist_llm.checkpoint.pickle_scan import forbidden_globals, is_pickle
 from dist_llm.fileio import UnsafePathError, fsync_dir, safe_join, sha256_file, write_atomic
 from dist_llm.observability.redact import redact
 from dist_llm.parallel.layout import ParallelLayout
@@ -396,8 +396,10 @@ class CheckpointManager:
                                   f"{type(engine).__name__}, which never writes sharded/: the files were added "
                                   f"after the save; remove them or resume from another checkpoint")
         for rel in sharded_files:  # torch DCP unpickles .metadata: only known classes may appear
-            if rel.rsplit("/", 1)[-1] == ".metadata" or rel.endswith((".pkl", ".pickle")):
-                bad = forbidden_globals((path / rel).read_bytes())
+            strict = rel.rsplit("/", 1)[-1] == ".metadata" or rel.endswith((".pkl", ".pickle"))
+            data = (path / rel).read_bytes() if strict or not rel.endswith(".distcp") else b""
+            if strict or (data[:1] == b"\x80" and is_pickle(data)):  # any other raw pickle too
+                bad = forbidden_globals(data)
                 if bad:
                     raise CheckpointError(f"checkpoint file {path / rel} is a pickle that would import "
                                           f"{', '.join(sorted(set(bad))[:5])}: refused (crafted or not written by "

@@ -82,3 +82,16 @@ def forbidden_globals(data: bytes) -> List[str]:
         if allowed is not None and attr not in allowed:
             bad.append(f"{module}.{attr}")
     return bad
+
+
+def is_pickle(data: bytes) -> bool:
+    """True when ``data`` parses as one complete pickle (protocol 2+ header, ends at STOP)."""
+    if len(data) < 3 or data[:1] != b"\x80" or data[1] > 5 or data[-1:] != b".":
+        return False
+    try:
+        last = None
+        for op, _arg, pos in pickletools.genops(data):
+            last = (op.name, pos)
+        return last is not None and last[0] == "STOP" and last[1] == len(data) - 1
+    except Exception:  # noqa: BLE001 - not a pickle
+        return False

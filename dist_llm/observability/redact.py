@@ -61,14 +61,23 @@ def _env_secrets() -> list[str]:
     return sorted(vals, key=len, reverse=True)  # longest first: a value containing another
 
 
+def _redact_assignments(text: str) -> str:
+    """``NAME=value`` pairs, also nested (``--container-env=HF_TOKEN=...``)."""
+    def one(m: "re.Match[str]") -> str:
+        name, sep, val = m.group("name"), m.group("sep"), m.group("val")
+        if is_secret_key(name):
+            return name + sep + REDACTED if val != REDACTED else m.group(0)
+        return name + sep + (_redact_assignments(val) if "=" in val or ":" in val else val)
+    return _ASSIGN.sub(one, text)
+
+
 def redact_text(text: str) -> str:
     """``text`` with every secret-looking substring replaced by ``***REDACTED***``."""
     if not text:
         return text
     for value in _env_secrets():
         text = text.replace(value, REDACTED)
-    text = _ASSIGN.sub(lambda m: m.group("name") + m.group("sep") + REDACTED
-                       if is_secret_key(m.group("name")) and m.group("val") != REDACTED else m.group(0), text)
+    text = _redact_assignments(text)
     text = _FLAG.sub(lambda m: m.group("name") + m.group("sep") + REDACTED
                      if is_secret_key(m.group("name")) and m.group("val") != REDACTED else m.group(0), text)
     text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
