@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from dist_llm.data import ShardWriter, TrainLoader, ValLoader, load_tokenizer
-from dist_llm.data.shards import _npy_bytes, _tar_bytes, read_shard, sha256_bytes
+from dist_llm.data.shard_scan import read_shard
+from dist_llm.data.shards import _npy_bytes, _tar_bytes, sha256_bytes
 from dist_llm.fileio import UnsafePathError
 
 SEQ, VOCAB, PER_SHARD, SHARDS = 8, 1000, 4, 4

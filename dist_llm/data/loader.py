@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_llm.data.shards import check_checksums, read_manifest, read_shard, read_token_shard, shard_path
+from dist_llm.data.shard_scan import read_shard, read_token_shard
+from dist_llm.data.shards import check_checksums, read_manifest, shard_path
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
