@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_llm.checkpoint.pickle_scan import forbidden_globals, is_pickle
-from dist_llm.fileio import UnsafePathError, fsync_dir, safe_join, sha256_file, write_atomic
+from dist_llm.checkpoint.integrity import CheckpointError, check_sharded, join_inside, read_manifest, verify_tree
+from dist_llm.fileio import fsync_dir, sha256_file, write_atomic
 from dist_llm.observability.redact import redact
 from dist_llm.parallel.layout import ParallelLayout
 
@@ -53,8 +53,6 @@ OLD_SUFFIX = ".old"
 log = logging.getLogger("dist_llm.checkpoint")
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -130,10 +128,7 @@ class CheckpointManager:
 
     @staticmethod
     def _join(root: Path, rel: str, what: str) -> Path:
-        try:
-            return safe_join(root, rel, what)
-        except UnsafePathError as e:
-            raise CheckpointError(str(e)) from None
+        return join_inside(root, rel, what)
 
     def remove_stale(self) -> None:
         """Rank 0, at start-up: drop directories of saves that never committed."""
@@ -312,57 +307,12 @@ class CheckpointManager:
         return bool(self.layout.all_reduce_max(t).item() > 0)
 
     # --- integrity ---
-    @staticmethod
-    def read_manifest(path: Path) -> Dict[str, Any]:
-        """The manifest (JSON, never a pickle), checked for shape; CheckpointError names the file."""
-        mpath = path / "manifest.json"
-        if mpath.is_symlink() or not mpath.is_file():
-            raise CheckpointError(f"{mpath} is missing or a symlink: {path} is not a committed checkpoint")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{mpath} is not valid JSON ({e}): the checkpoint is corrupt; resume from "
-                                  f"another with train.resume=<path> or train.resume_fallback=true") from None
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise CheckpointError(f"{mpath} has no valid 'files' table (name -> sha256): the checkpoint is corrupt")
-        return manifest
+    read_manifest = staticmethod(read_manifest)
 
     def verify(self, path: Path, manifest: Optional[Dict[str, Any]] = None,
                skip: Callable[[str], bool] = lambda rel: False) -> Dict[str, Any]:
-        """Check ``path`` against its manifest before any file in it is read (or unpickled).
-
-        Refused, naming the file: a manifest entry that is absolute, has ``..`` or resolves outside
-        ``path``; any symlink; a file on disk the manifest does not list; a listed file that is
-        missing; a sha256 mismatch. Files for which ``skip(rel)`` is true (other ranks' partitions)
-        are not hashed, only checked for presence.
-        """
-        manifest = manifest or self.read_manifest(path)
-        mpath = path / "manifest.json"
-        files: Dict[str, str] = manifest["files"]
-        for rel in files:
-            self._join(path, rel, f"{mpath} entry")
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                rel = p.relative_to(path).as_posix()
-                if p.is_symlink():
-                    raise CheckpointError(f"checkpoint {path} holds a symlink {p} -> {os.readlink(p)}; dist-llm "
-                                          f"never writes symlinks into a checkpoint: replace it with the real file")
-                if name in filenames and rel != "manifest.json" and rel not in files:
-                    raise CheckpointError(f"checkpoint file {p} is not listed in {mpath}: it was added after the "
-                                          f"save; remove it (or resume from another checkpoint)")
-        for rel, want in sorted(files.items()):
-            p = path / rel
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint file {p} listed in {mpath} is missing (deleted or partially "
-                                      f"copied); resume from another checkpoint with train.resume=<path> or "
-                                      f"train.resume_fallback=true")
-            if not skip(rel) and sha256_file(p) != want:
-                raise CheckpointError(f"checkpoint file {p} does not match its sha256 in {mpath} (corrupt or "
-                                      f"replaced); resume from another checkpoint with train.resume=<path> or "
-                                      f"train.resume_fallback=true")
-        return manifest
+        """:func:`dist_llm.checkpoint.integrity.verify_tree` (whole directory against its manifest)."""
+        return verify_tree(path, manifest or read_manifest(path), skip)
 
     def _plan(self, path: Path, manifest: Dict[str, Any], engine) -> tuple[bool, bool, bool, str]:
         """(same layout, same engine, load the sharded/ copy, the rank file this rank reads)."""
@@ -390,20 +340,7 @@ class CheckpointManager:
         rank_name = plan[3]
         self.verify(path, manifest, skip=lambda rel: re.fullmatch(r"rank-\d{5}\.pt", rel) is not None
                     and rel != rank_name)
-        sharded_files = [rel for rel in manifest["files"] if rel.startswith("sharded/")]
-        if sharded_files and not plan[2] and manifest.get("engine") == type(engine).__name__:
-            raise CheckpointError(f"checkpoint {path} lists {path / sharded_files[0]} but it was saved by "
-                                  f"{type(engine).__name__}, which never writes sharded/: the files were added "
-                                  f"after the save; remove them or resume from another checkpoint")
-        for rel in sharded_files:  # torch DCP unpickles .metadata: only known classes may appear
-            strict = rel.rsplit("/", 1)[-1] == ".metadata" or rel.endswith((".pkl", ".pickle"))
-            data = (path / rel).read_bytes() if strict or not rel.endswith(".distcp") else b""
-            if strict or (data[:1] == b"\x80" and is_pickle(data)):  # any other raw pickle too
-                bad = forbidden_globals(data)
-                if bad:
-                    raise CheckpointError(f"checkpoint file {path / rel} is a pickle that would import "
-                                          f"{', '.join(sorted(set(bad))[:5])}: refused (crafted or not written by "
-                                          f"torch.distributed.checkpoint)")
+        check_sharded(path, manifest, loads_sharded=plan[2], engine_name=type(engine).__name__)
         self._verified = path
         return plan
 
