@@ -241,8 +241,9 @@ class CheckpointManager:
         path = Path(resume)
         if (path / "manifest.json").is_file():
             return path
-        if (path / "checkpoints").is_dir():
-            return CheckpointManager(path, self.layout, self.keep_last).latest()
+        found = CheckpointManager(path, self.layout, self.keep_last).latest() if (path / "checkpoints").is_dir() else None
+        if found is not None:
+            return found
         raise CheckpointError(f"train.resume={resume!r} is neither a committed checkpoint (a step-N directory "
                               f"with manifest.json) nor a run directory with checkpoints/latest")
 
