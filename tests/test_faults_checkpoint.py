@@ -75,12 +75,12 @@ def _flip_rank1(c: Path, job: Path) -> str:
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
-    return str(p)
+    return str(STEP30 / "rank-00001.pt")  # errors name it as the job sees it (relative to its cwd)
 
 
 def _missing(c: Path, job: Path) -> str:
     (c / "trainer.json").unlink()
-    return str(c / "trainer.json")
+    return str(STEP30 / "trainer.json")
 
 
 def _escaping(c: Path, job: Path) -> str:
