@@ -200,3 +200,38 @@ def test_tokenizer_file_that_escapes_is_refused(tmp_path):
     data.mkdir()
     with pytest.raises(UnsafePathError, match="tokenizer"):
         load_tokenizer({"kind": "hf", "file": "../tok.json"}, data)
+
+
+def _pairs_shard(tmp_path: Path, members_of) -> Path:
+    from dist_llm.data.shards import write_shard
+
+    members = []
+    for i in range(3):
+        key = f"{10 + 2 * i:010d}"  # BERT keys increase but may have gaps between shards
+        members += members_of(key, i)
+    entry = write_shard(tmp_path, 0, members, 3)
+    return tmp_path / entry["file"]
+
+
+def _pair(key: str, i: int) -> list:
+    return [(f"{key}.tokens.npy", _npy_bytes(np.arange(8, dtype=np.uint16))),
+            (f"{key}.segments.npy", _npy_bytes(np.zeros(8, dtype=np.uint8))), (f"{key}.nsp.cls", b"0")]
+
+
+def test_pairs_shard_with_exact_members_reads(tmp_path):
+    from dist_llm.data.shard_scan import read_checked_records
+    from dist_llm.data.shards import PAIRS_FORMAT
+
+    recs = read_checked_records(_pairs_shard(tmp_path, _pair), PAIRS_FORMAT, 3)
+    assert [r["__key__"] for r in recs] == [b"0000000010", b"0000000012", b"0000000014"]
+    assert all(set(r) == {"__key__", "tokens.npy", "segments.npy", "nsp.cls"} for r in recs)
+
+
+def test_pairs_shard_sample_missing_a_member_names_shard_and_key(tmp_path):
+    from dist_llm.data.shard_scan import read_checked_records
+    from dist_llm.data.shards import PAIRS_FORMAT
+
+    path = _pairs_shard(tmp_path, lambda key, i: [m for m in _pair(key, i) if not (i == 1 and "segments" in m[0])])
+    with pytest.raises(ValueError, match="0000000012") as e:
+        read_checked_records(path, PAIRS_FORMAT, 3)
+    assert str(path) in str(e.value) and "segments.npy" in str(e.value)

@@ -161,3 +161,23 @@ def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str
                          f"skip such samples with data.bad_samples=skip" + (f" ({len(problems)} problems)"
                                                                             if len(problems) > 1 else ""))
     return rows
+
+
+def read_checked_records(path: PathLike, fmt: str, num_samples: int, sha256: Optional[str] = None
+                         ) -> List[Dict[str, bytes]]:
+    """Every sample of a shard of format ``fmt`` (pairs, images, tokens) as ``{"__key__": key,
+    field: bytes}``, after checking it against the manifest: the checksum, ``num_samples``
+    samples with unique increasing keys, each with exactly the format's members (``MEMBERS``).
+    ValueError names the shard and the key. For the loaders of non-causal packs."""
+    if fmt not in MEMBERS:
+        raise ValueError(f"unknown shard format {fmt!r}; known: {', '.join(MEMBERS)}")
+    p = Path(path)
+    data = p.read_bytes()
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise ValueError(f"checksum mismatch for {p}: manifest says {sha256}, file has {sha256_bytes(data)}; "
+                         f"re-run `dist-llm prepare`")
+    recs, problems = scan_shard(data, p, MEMBERS[fmt], None, num_samples)
+    if problems:
+        raise ValueError(f"{problems[0]}; the shard does not match its manifest: re-run `dist-llm prepare`")
+    keys = list(dict.fromkeys(k for k, _ in _tar_records(data, p)[0]))
+    return [{"__key__": k.encode(), **fields} for k, fields in zip(keys, recs) if fields is not None]
