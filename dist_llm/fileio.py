@@ -37,3 +37,41 @@ def fsync_dir(path: PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class UnsafePathError(ValueError):
+    """A path read from a file (manifest, pointer) would leave the directory it belongs to."""
+
+
+def safe_join(root: PathLike, relpath: str, what: str) -> Path:
+    """``root / relpath``, refused unless it stays inside ``root`` after resolving symlinks.
+
+    ``relpath`` comes from a file we read (a manifest entry, the ``latest`` pointer): an absolute
+    path, a ``..`` component or a symlink that points outside ``root`` would let that file make
+    us read (or unpickle) anything on the machine. ``what`` names the source in the error.
+    """
+    rel = str(relpath)
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in parts or "\x00" in rel:
+        raise UnsafePathError(f"{what}: the path {rel!r} is empty, absolute or contains '..'; only plain "
+                              f"relative paths inside {root} are allowed (the file was edited or crafted)")
+    base = Path(root).resolve()
+    path = Path(root) / rel
+    real = path.resolve()
+    if real != base and base not in real.parents:
+        raise UnsafePathError(f"{what}: {path} resolves to {real}, outside {base} (a symlink leaving the "
+                              f"directory); replace it with the real file")
+    return path
+
+
+def write_private(path: PathLike, data: Union[bytes, str]) -> None:
+    """:func:`write_atomic` with mode 0600: for files that may hold credentials (configs, scripts)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

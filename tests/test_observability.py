@@ -107,7 +107,7 @@ def test_scrub_secrets_nested() -> None:
     assert out["api_key"] == REDACTED
     assert out["optim"] == {"lr": 3e-3, "hf_token": REDACTED, "DB_PASSWORD": REDACTED}
     assert out["clients"] == [{"clientSecret": REDACTED}, {"name": "ok"}]
-    assert out["launcher"]["setup"] == ["module load cuda", REDACTED]
+    assert out["launcher"]["setup"] == ["module load cuda", f"export WANDB_API_KEY={REDACTED}"]
     assert out["plain_hex"] == REDACTED
     # ordinary fields that merely contain "token"/"key" stay readable
     assert out["train"] == {"sample_tokens": 16, "keep_last": 2, "tokenizer": "byte"}

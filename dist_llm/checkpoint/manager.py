@@ -16,11 +16,20 @@ Commit protocol: every rank writes into ``step-N.tmp/``; after a barrier rank 0 
 files, writes the manifest, renames the directory to ``step-N`` and only then repoints
 ``latest`` (write + rename, both atomic on POSIX). A crash at any point leaves ``latest`` on the
 previous committed checkpoint; stale ``*.tmp`` directories are removed at the next start.
-Nothing is unpickled: weights are safetensors and rank files load with ``weights_only=True``.
+Re-saving a step that exists (resume from an older checkpoint into the same run) moves the old
+``step-N`` aside to ``step-N.old`` first and deletes it only after ``latest`` is written; a crash
+in between is repaired at the next start (a lone ``step-N.old`` is renamed back).
+
+Before anything in a checkpoint is read, :meth:`CheckpointManager.verify` checks the whole
+directory against its manifest: every entry is a plain relative path inside it, no symlinks,
+no file the manifest does not list, and the sha256 of every file this rank will read (including
+``sharded/`` and torch DCP's pickled ``.metadata``). Weights are safetensors and rank files load
+with ``weights_only=True``; the remaining trust boundary is the manifest itself (README).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -34,14 +43,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.checkpoint.integrity import CheckpointError, check_sharded, join_inside, read_manifest, verify_tree
 from dist_llm.fileio import fsync_dir, sha256_file, write_atomic
+from dist_llm.observability.redact import redact
 from dist_llm.parallel.layout import ParallelLayout
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
+OLD_SUFFIX = ".old"
+log = logging.getLogger("dist_llm.checkpoint")
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -82,6 +93,7 @@ class CheckpointManager:
         self.root = self.run_dir / "checkpoints"
         self.layout = layout
         self.keep_last = keep_last
+        self._verified: Optional[Path] = None  # the checkpoint resolve_verified just checked
 
     # --- discovery ---
     def committed(self) -> list[Path]:
@@ -91,21 +103,57 @@ class CheckpointManager:
         return sorted(dirs, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
     def latest(self) -> Optional[Path]:
+        """The checkpoint ``latest`` names; None only when this run never committed one."""
         pointer = self.root / "latest"
         if not pointer.is_file():
+            done = self.committed()
+            if done:  # a crash between the rename and the pointer write: the newest is complete
+                log.warning("%s is missing but %s is committed (a save stopped before repointing latest): "
+                            "resuming from it", pointer, done[-1].name)
+                return done[-1]
             return None
-        path = self.root / pointer.read_text().strip()
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {pointer}: {e}; set train.resume=<path> or "
+                                  f"train.resume_fallback=true") from e
+        if not STEP_RE.match(name):
+            raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step-NNNNNNNN): "
+                                  f"it is empty or corrupt; set train.resume=<path> or train.resume_fallback=true")
+        path = self._join(self.root, name, str(pointer))
         if not (path / "manifest.json").is_file():
             raise CheckpointError(f"{pointer} points at {path.name}, which is not a committed checkpoint "
                                   f"(no manifest.json). Resume from an older one with train.resume=<path>.")
         return path
+
+    @staticmethod
+    def _join(root: Path, rel: str, what: str) -> Path:
+        return join_inside(root, rel, what)
 
     def remove_stale(self) -> None:
         """Rank 0, at start-up: drop directories of saves that never committed."""
         if self.layout.rank == 0 and self.root.is_dir():
             for p in self.root.glob("*.tmp"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            self.recover_resave()
         self.layout.barrier()
+
+    def recover_resave(self) -> None:
+        """Finish or undo a re-save a crash interrupted: ``step-N.old`` without ``step-N`` is the
+        committed checkpoint (the new one never got renamed in): rename it back; with ``step-N``
+        present the re-save committed and the old copy is garbage."""
+        for old in self.root.glob(f"step-*{OLD_SUFFIX}"):
+            final = old.with_name(old.name[: -len(OLD_SUFFIX)])
+            if not STEP_RE.match(final.name):
+                continue
+            if (final / "manifest.json").is_file():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(old, final)
+                fsync_dir(self.root)
+                log.warning("recovered %s from an interrupted re-save", final)
 
     # --- save ---
     def save(self, step: int, engine, trainer_state: Dict[str, Any], loader_state: Dict[str, Any],
@@ -136,17 +184,32 @@ class CheckpointManager:
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"format": "dist-llm-checkpoint/1", "step": step, "world_size": self.layout.world_size,
                         "dp": self.layout.dp, "tp": getattr(self.layout, "tp", 1), "pp": getattr(self.layout, "pp", 1),
-                        "engine": engine.checkpoint_name, "files": files, "config": config, "versions": versions()}
+                        "engine": engine.checkpoint_name, "files": files, "config": redact(config),
+                        "versions": versions()}
             write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+            os.chmod(tmp / "manifest.json", 0o600)  # the config may hold site details
             fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-            write_atomic(self.root / "latest", name + "\n")
+            self.commit(tmp, final)
             self._prune(keep=final)
         self.layout.barrier()
         return final
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Rename ``tmp`` to ``final`` and point ``latest`` at it. Every crash point leaves a
+        committed checkpoint named: an existing ``final`` (re-saving a step, e.g. after resuming
+        from an older checkpoint) is moved aside and deleted only after ``latest`` is written;
+        :meth:`recover_resave` repairs the window between the two renames."""
+        old = final.with_name(final.name + OLD_SUFFIX)
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        write_atomic(self.root / "latest", final.name + "\n")
+        fsync_dir(self.root)
+        if old.exists():
+            shutil.rmtree(old)
 
     def _prune(self, keep: Path) -> None:
         done = self.committed()
@@ -178,19 +241,88 @@ class CheckpointManager:
         path = Path(resume)
         if (path / "manifest.json").is_file():
             return path
-        if (path / "checkpoints" / "latest").is_file():
-            return CheckpointManager(path, self.layout, self.keep_last).latest()
+        found = CheckpointManager(path, self.layout, self.keep_last).latest() if (path / "checkpoints").is_dir() else None
+        if found is not None:
+            return found
         raise CheckpointError(f"train.resume={resume!r} is neither a committed checkpoint (a step-N directory "
                               f"with manifest.json) nor a run directory with checkpoints/latest")
 
-    def load(self, path: Path, engine) -> tuple[Dict[str, Any], Dict[str, Any]]:
-        """Restore engine + RNG; return (trainer state, this rank's loader state)."""
-        manifest = json.loads((path / "manifest.json").read_text())
+    def resolve_verified(self, resume: str, engine, fallback: bool = False) -> Optional[Path]:
+        """The checkpoint to resume from, verified on every rank before any engine reads it.
+
+        A checkpoint that fails (garbage ``latest``, a flipped byte, a missing or unlisted file, an
+        escaping path) raises a CheckpointError naming the file; with ``fallback`` the newest older
+        committed checkpoint that verifies on every rank is used instead (logged). Never None
+        when checkpoints exist, so a damaged run never silently starts afresh.
+        """
+        path, err = None, None
+        try:
+            path = self.resolve(resume)
+            if path is not None:
+                self._verify_for(path, engine)
+        except CheckpointError as e:
+            err = e
+        if not self._any_rank(err is not None):
+            return path
+        if not fallback:
+            raise err or CheckpointError(f"checkpoint {path} failed verification on another rank (its log names "
+                                         f"the file); set train.resume_fallback=true to use an older one")
+        root = path.parent if path is not None else self._resume_root(resume)
+        limit = int(STEP_RE.match(path.name).group(1)) if path is not None and STEP_RE.match(path.name) else None
+        log.warning("checkpoint unusable (%s); train.resume_fallback: trying older committed checkpoints in %s",
+                    err or "failed on another rank", root)
+        for cand in reversed(self._committed_in(root)):
+            if cand == path or (limit is not None and int(STEP_RE.match(cand.name).group(1)) >= limit):
+                continue
+            cerr = None
+            try:
+                self._verify_for(cand, engine)
+            except CheckpointError as e:
+                cerr = e
+                log.warning("fallback candidate %s is unusable too: %s", cand, e)
+            if not self._any_rank(cerr is not None):
+                log.warning("train.resume_fallback: resuming from %s", cand)
+                return cand
+        raise CheckpointError(f"no committed checkpoint in {root} verifies (first error: {err}); "
+                              f"start afresh explicitly with train.resume=never") from err
+
+    def _resume_root(self, resume: str) -> Path:
+        if resume == "auto":
+            return self.root
+        path = Path(resume)
+        return path / "checkpoints" if (path / "checkpoints").is_dir() else path.parent
+
+    @staticmethod
+    def _committed_in(root: Path) -> list[Path]:
+        if not root.is_dir():
+            return []
+        dirs = [p for p in root.iterdir() if STEP_RE.match(p.name) and (p / "manifest.json").is_file()]
+        return sorted(dirs, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (one all-reduce), so all ranks take the
+        same branch and none waits in a collective the others skipped."""
+        if getattr(self.layout, "world_size", 1) == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self.layout, "device", "cpu"))
+        return bool(self.layout.all_reduce_max(t).item() > 0)
+
+    # --- integrity ---
+    read_manifest = staticmethod(read_manifest)
+
+    def verify(self, path: Path, manifest: Optional[Dict[str, Any]] = None,
+               skip: Callable[[str], bool] = lambda rel: False) -> Dict[str, Any]:
+        """:func:`dist_llm.checkpoint.integrity.verify_tree` (whole directory against its manifest)."""
+        return verify_tree(path, manifest or read_manifest(path), skip)
+
+    def _plan(self, path: Path, manifest: Dict[str, Any], engine) -> tuple[bool, bool, bool, str]:
+        """(same layout, same engine, load the sharded/ copy, the rank file this rank reads)."""
         lay = self.layout
         tp, pp = getattr(lay, "tp", 1), getattr(lay, "pp", 1)
         same_layout = (manifest.get("world_size"), manifest.get("tp", 1), manifest.get("pp", 1)) == (lay.world_size, tp, pp)
         same_engine = manifest.get("engine", engine.checkpoint_name) == engine.checkpoint_name
-        sharded = engine.supports_sharded and (path / "sharded").is_dir() and same_engine
+        has_sharded = any(rel.startswith("sharded/") for rel in manifest["files"])
+        sharded = engine.supports_sharded and has_sharded and same_engine
         if not same_layout and not (sharded and engine.reshardable):
             raise CheckpointError(
                 f"checkpoint {path} was saved by {manifest.get('world_size')} ranks (tp={manifest.get('tp', 1)}, "
@@ -200,12 +332,28 @@ class CheckpointManager:
         # Same layout: this rank's own file (optimizer partition, RNG). Resharding: the loader state,
         # which is the same on every rank and independent of dp, from rank 0's file.
         rank_name = f"rank-{lay.rank:05d}.pt" if same_layout else "rank-00000.pt"
-        for name in (("model.safetensors",) if not sharded else ()) + (rank_name, "trainer.json"):
-            want = manifest["files"].get(name)
-            if want is None or sha256_file(path / name) != want:
-                raise CheckpointError(f"checkpoint file {path / name} is missing or does not match its sha256 in "
-                                      f"manifest.json (corrupt or partially copied); resume from another "
-                                      f"checkpoint with train.resume=<path>")
+        return same_layout, same_engine, sharded, rank_name
+
+    def _verify_for(self, path: Path, engine) -> tuple[bool, bool, bool, str]:
+        """Verify everything this rank will read from ``path``; returns the load plan."""
+        manifest = self.read_manifest(path)
+        plan = self._plan(path, manifest, engine)
+        rank_name = plan[3]
+        self.verify(path, manifest, skip=lambda rel: re.fullmatch(r"rank-\d{5}\.pt", rel) is not None
+                    and rel != rank_name)
+        check_sharded(path, manifest, loads_sharded=plan[2], engine_name=engine.checkpoint_name)
+        self._verified = path
+        return plan
+
+    def load(self, path: Path, engine) -> tuple[Dict[str, Any], Dict[str, Any]]:
+        """Restore engine + RNG; return (trainer state, this rank's loader state). The whole
+        checkpoint is verified first (unless :meth:`resolve_verified` just did)."""
+        if getattr(self, "_verified", None) == path:
+            plan = self._plan(path, self.read_manifest(path), engine)
+        else:
+            plan = self._verify_for(path, engine)
+        self._verified = None
+        same_layout, same_engine, sharded, rank_name = plan
         if sharded:
             engine.load_sharded(path / "sharded")
         else:

@@ -41,14 +41,14 @@ def launch(cfg) -> int:
     # point in a fresh process (DeepSpeed keeps process-group state in module globals) and a
     # crashed rank cannot take the launcher down with it.
     if cfg.launcher.kind == "local" and "RANK" not in os.environ:
-        from dist_llm.config.store import save_job_config
         from dist_llm.launch.local import spawn_local
+        from dist_llm.observability.redact import save_config_redacted
         from dist_llm.train.run import run_dir_for
 
         run_dir = run_dir_for(cfg, None)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "config.yaml"
-        save_job_config(cfg, str(path))
+        save_config_redacted(cfg, path)
         code = spawn_local(cfg.launcher.nproc, ["-m", "dist_llm.cli.main", "worker", str(path)],
                            cfg.launcher.master_port)
         if code == 0 and (run_dir / "summary.json").is_file():

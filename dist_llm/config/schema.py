@@ -66,6 +66,13 @@ class DataConfig:
     build_embedded: bool = False
     embedded_dir: str = "data/stdlib"
     embedded_max_bytes: int = 3_000_000  # how much stdlib source text the embedded corpus takes
+    # Refuse a data manifest whose shards lack a sha256 (false: accept unchecked shards).
+    require_checksums: bool = True
+    # A sample that does not match its manifest (missing member, wrong shape, duplicated key,
+    # truncated shard): raise (stop, naming shard and key) | skip (count it, use the shard's
+    # next good sample; abort when the bad share of samples read exceeds max_bad_fraction).
+    bad_samples: str = "raise"
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -122,6 +129,9 @@ class TrainConfig:
     crash_at_step: int = -1
     crash_rank: int = 0
     crash_during_save: bool = False
+    # A damaged checkpoint (garbage latest, bad sha256, missing file): false = stop naming the file;
+    # true = resume from the newest older committed checkpoint that verifies (logged).
+    resume_fallback: bool = False
 
 
 @dataclass

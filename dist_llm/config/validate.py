@@ -176,6 +176,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             p.append(f"data.lanes={data.lanes} is not divisible by dp={dp} x data.num_workers={data.num_workers}")
     if data.num_workers < 0:
         p.append(f"data.num_workers={data.num_workers} must be >= 0")
+    choice("data.bad_samples", data.bad_samples, ("raise", "skip"))
+    if not 0.0 <= data.max_bad_fraction < 1.0:
+        p.append(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1): the share of samples "
+                 f"data.bad_samples=skip may drop before the run stops")
     if not data.train and not data.build_embedded:
         p.append("data.train is empty: list at least one shard directory (data.train=[{path: ...}]) "
                  "or set data.build_embedded=true for the embedded demo corpus")

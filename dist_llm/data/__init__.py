@@ -4,12 +4,12 @@ Imports nothing from parallel/, train/, launch/ or prepare/ (the pipeline that w
 including the embedded corpus, is :mod:`dist_llm.prepare`); ranks arrive as plain ints.
 """
 from dist_llm.data.loader import BlendSchedule, TrainLoader, ValLoader
+from dist_llm.data.shard_scan import read_shard
 from dist_llm.data.shards import (
     FORMAT,
     ShardWriter,
     dtype_for_vocab,
     read_manifest,
-    read_shard,
     verify_shard,
 )
 from dist_llm.data.tokenizer import ByteTokenizer, load_tokenizer

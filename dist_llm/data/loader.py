@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_llm.data.shards import read_manifest, read_shard
+from dist_llm.data.shard_scan import read_shard, read_token_shard
+from dist_llm.data.shards import check_checksums, read_manifest, shard_path
+
+log = logging.getLogger("dist_llm.data")
+BAD_SAMPLE_POLICIES = ("raise", "skip")
 
 STATE_FORMAT = "dist-llm-loader/1"
 _TAG_SHARDS, _TAG_SAMPLES = 1, 2
@@ -102,24 +107,28 @@ class _Source:
     sha: List[Optional[str]]
     counts: np.ndarray
     fingerprint: str
+    first: List[int]  # global index (tar key) of each shard's first sample
 
 
-def _load_source(path: str, weight: float, seq_len: int) -> _Source:
+def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool = True) -> _Source:
     m = read_manifest(path)
+    check_checksums(path, m, require_checksums)
     if m["sample_len"] != seq_len + 1:
         raise ValueError(
             f"{Path(path) / 'manifest.json'} has seq_len {m['seq_len']} but train.seq_len is "
             f"{seq_len}: set train.seq_len={m['seq_len']} or re-run `dist-llm prepare` with "
             f"seq_len={seq_len}"
         )
+    starts = np.concatenate([[0], np.cumsum([s["num_samples"] for s in m["shards"]])]).tolist()
+    first = [int(starts[i]) for i, s in enumerate(m["shards"]) if s["num_samples"] > 0]
     shards = [s for s in m["shards"] if s["num_samples"] > 0]
     body = {k: m[k] for k in ("seq_len", "dtype", "vocab_size", "num_samples")}
     body["shards"] = [[s["file"], s["num_samples"], s.get("sha256")] for s in m["shards"]]
     fp = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return _Source(
         path=str(path), weight=float(weight), manifest=m,
-        files=[str(Path(path) / s["file"]) for s in shards], sha=[s.get("sha256") for s in shards],
-        counts=np.array([s["num_samples"] for s in shards], dtype=np.int64), fingerprint=fp,
+        files=[str(shard_path(path, s)) for s in shards], sha=[s.get("sha256") for s in shards],
+        counts=np.array([s["num_samples"] for s in shards], dtype=np.int64), fingerprint=fp, first=first,
     )
 
 
@@ -178,7 +187,13 @@ class _SourceStream:
 class _Stream:
     """All lanes of a blend; picklable so DataLoader workers can own a copy."""
 
-    def __init__(self, sources: List[_Source], lanes: int, per_lane: int, seed: int) -> None:
+    def __init__(self, sources: List[_Source], lanes: int, per_lane: int, seed: int,
+                 bad_samples: str = "raise", max_bad_fraction: float = 0.0) -> None:
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"data.bad_samples={bad_samples!r} is not one of {', '.join(BAD_SAMPLE_POLICIES)}")
+        self.bad_samples, self.max_bad_fraction = bad_samples, float(max_bad_fraction)
+        self.bad_by_shard: Dict[str, int] = {}  # shard file -> bad samples skipped (each shard counted once)
+        self.read_by_shard: Dict[str, int] = {}
         self.sources = sources
         self.streams = [_SourceStream(s, i, lanes, seed) for i, s in enumerate(sources)]
         self.blend = BlendSchedule([s.weight for s in sources])
@@ -191,16 +206,41 @@ class _Stream:
         hit = self._cache.get((lane, s))
         if hit is not None and hit[0] == epoch and hit[1] == shard:
             return hit[2]
-        src = self.sources[s]
-        rows = read_shard(src.files[shard], self.sample_len, self.dtype, sha256=src.sha[shard])
-        if rows.shape[0] != src.counts[shard]:
-            raise ValueError(
-                f"{src.files[shard]} holds {rows.shape[0]} samples but its manifest says "
-                f"{src.counts[shard]}; re-run `dist-llm prepare`"
-            )
+        rows = self._checked_rows(self.sources[s], shard)
         rows = rows[_rng(self.seed, _TAG_SAMPLES, epoch, s, shard).permutation(rows.shape[0])]
         self._cache[(lane, s)] = (epoch, shard, rows)
         return rows
+
+    def _checked_rows(self, src: _Source, shard: int) -> np.ndarray:
+        """The shard's ``counts[shard]`` rows in manifest order. A bad sample raises (naming shard and
+        key) or, with ``data.bad_samples=skip``, is counted and its slot takes the shard's next good
+        sample: the lane positions stay pure arithmetic, so resume and dp-independence hold."""
+        file, n = src.files[shard], int(src.counts[shard])
+        rows, good, problems = read_token_shard(file, self.sample_len, self.dtype, sha256=src.sha[shard],
+                                                first_index=src.first[shard], num_samples=n)
+        self.read_by_shard[file] = n
+        if not problems:
+            return rows
+        if self.bad_samples != "skip":
+            raise ValueError(f"{problems[0]}; the shard does not match its manifest: re-run `dist-llm prepare`, "
+                             f"or skip bad samples with data.bad_samples=skip")
+        nbad = int((~good).sum())
+        for msg in problems[:3]:
+            log.warning("data.bad_samples=skip: %s", msg)
+        self.bad_by_shard[file] = nbad
+        bad, read = self.bad_count, sum(self.read_by_shard.values())
+        if not good.any():
+            raise ValueError(f"shard {file} has no readable sample ({problems[0]}); re-run `dist-llm prepare`")
+        if bad > self.max_bad_fraction * read:
+            raise ValueError(f"data.bad_samples=skip: {bad} of the {read} samples in the shards read so far are bad, "
+                             f"more than data.max_bad_fraction={self.max_bad_fraction}; the data is damaged: "
+                             f"re-run `dist-llm prepare` (first problem: {problems[0]})")
+        ok = np.flatnonzero(good)
+        return rows[ok[np.searchsorted(ok, np.arange(n)) % len(ok)]]
+
+    @property
+    def bad_count(self) -> int:
+        return sum(self.bad_by_shard.values())
 
     def lane_chunk(self, lane: int, step: int) -> np.ndarray:
         """The ``per_lane`` samples lane ``lane`` contributes to global step ``step``."""
@@ -233,7 +273,8 @@ class _LaneDataset(IterableDataset):
         step = self.start
         while True:
             chunk = np.concatenate([self.stream.lane_chunk(l, step) for l in self.worker_lanes[w]])
-            yield step, w, torch.from_numpy(chunk.astype(np.int64))
+            counts = (self.stream.bad_count, sum(self.stream.read_by_shard.values()))
+            yield step, w, torch.from_numpy(chunk.astype(np.int64)), counts
             step += 1
 
 
@@ -255,6 +296,9 @@ class TrainLoader:
         grad_accum: int,
         seed: int,
         num_workers: int = 0,
+        require_checksums: bool = True,
+        bad_samples: str = "raise",
+        max_bad_fraction: float = 0.0,
     ) -> None:
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
@@ -277,7 +321,7 @@ class TrainLoader:
         if num_workers and lanes % (dp_size * num_workers):
             raise ValueError(f"data.lanes={lanes} is not divisible by dp_size*num_workers={dp_size}*{num_workers}: "
                              f"every worker must own whole lanes; change data.num_workers or data.lanes")
-        srcs = [_load_source(str(p), float(w), seq_len) for p, w in sources]
+        srcs = [_load_source(str(p), float(w), seq_len, require_checksums) for p, w in sources]
         for s in srcs[1:]:
             for key in ("dtype", "vocab_size"):
                 if s.manifest[key] != srcs[0].manifest[key]:
@@ -292,7 +336,8 @@ class TrainLoader:
         self.eos_id = srcs[0].manifest.get("eos_id")
         per_rank = lanes // dp_size
         self.my_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        self._stream = _Stream(srcs, lanes, self.per_lane, seed)
+        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction)
+        self._worker_counts: Dict[int, Tuple[int, int]] = {}
         self._steps = 0
         self._it: Optional[Iterator[Any]] = None
 
@@ -304,7 +349,9 @@ class TrainLoader:
             raise ValueError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                              f"micro_batch_size*dp = {train.micro_batch_size}*{dp_size}")
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
-                   train.micro_batch_size, train.global_batch_size // per, data.seed, data.num_workers)
+                   train.micro_batch_size, train.global_batch_size // per, data.seed, data.num_workers,
+                   getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
+                   getattr(data, "max_bad_fraction", 0.0))
 
     @property
     def steps(self) -> int:
@@ -321,12 +368,23 @@ class TrainLoader:
                                        persistent_workers=False))
         parts = []
         for w in range(self.num_workers):  # DataLoader returns workers' items round-robin
-            step, wid, chunk = next(self._it)
+            step, wid, chunk, counts = next(self._it)
+            self._worker_counts[wid] = counts
             if step != self._steps or wid != w:
                 raise RuntimeError(f"data worker order broke: got step {step} of worker {wid}, "
                                    f"expected step {self._steps} of worker {w}")
             parts.append(chunk)
         return torch.cat(parts).numpy()
+
+    def data_metrics(self) -> Dict[str, int]:
+        """This rank's bad-sample count (``data.bad_samples=skip``) and the samples in the shards it
+        has read, each shard counted once: for the trainer's metrics."""
+        if not self.num_workers:
+            bad, read = self._stream.bad_count, sum(self._stream.read_by_shard.values())
+        else:
+            bad = sum(c[0] for c in self._worker_counts.values())
+            read = sum(c[1] for c in self._worker_counts.values())
+        return {"data/bad_samples": int(bad), "data/samples_read": int(read)}
 
     def next_step(self) -> List[torch.Tensor]:
         """``grad_accum`` LongTensors ``[micro_batch_size, seq_len + 1]`` for this rank."""
@@ -395,10 +453,11 @@ class ValLoader:
     """The first ``num_samples`` samples of a split, in shard order, sliced contiguously per rank."""
 
     def __init__(self, split_dir: str, seq_len: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, num_samples: int) -> None:
+                 micro_batch_size: int, num_samples: int, require_checksums: bool = True) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         m = read_manifest(split_dir)
+        check_checksums(split_dir, m, require_checksums)
         if m["sample_len"] != seq_len + 1:
             raise ValueError(f"{Path(split_dir) / 'manifest.json'} has seq_len {m['seq_len']} but "
                              f"train.seq_len is {seq_len}: re-run `dist-llm prepare` with seq_len={seq_len}")
@@ -423,8 +482,9 @@ class ValLoader:
                     break
                 n = sh["num_samples"]
                 if seen + n > lo and n:
-                    arr = read_shard(Path(self.split_dir) / sh["file"], self.manifest["sample_len"],
-                                     self.manifest["dtype"], sha256=sh.get("sha256"))
+                    arr = read_shard(shard_path(self.split_dir, sh), self.manifest["sample_len"],
+                                     self.manifest["dtype"], sha256=sh.get("sha256"), first_index=seen,
+                                     num_samples=n)
                     rows.append(arr[max(lo - seen, 0):hi - seen])
                 seen += n
             x = torch.from_numpy(np.concatenate(rows).astype(np.int64))

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from dist_llm.fileio import sha256_file, write_atomic  # noqa: F401 - sha256_file is re-exported
+from dist_llm.fileio import UnsafePathError, safe_join, sha256_file, write_atomic  # noqa: F401 - re-exported
 
 FORMAT = "dist-llm-tokens/1"
 PAIRS_FORMAT = "dist-llm-pairs/1"
@@ -281,7 +281,26 @@ def read_manifest(split_dir: PathLike, expect: str = FORMAT) -> Dict[str, Any]:
         raise ValueError(f"{path}: sample_len {manifest['sample_len']} != seq_len + 1 ({manifest['seq_len']} + 1)")
     if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
         raise ValueError(f"{path}: the shards' num_samples do not add up to num_samples; re-run `dist-llm prepare`")
+    for entry in manifest["shards"]:
+        shard_path(d, entry)
     return manifest
+
+
+def shard_path(split_dir: PathLike, entry: Dict[str, Any]) -> Path:
+    """The file of one manifest shard entry, refused unless it stays inside ``split_dir``."""
+    return safe_join(split_dir, str(entry.get("file", "")), f"shard entry in {Path(split_dir) / MANIFEST}")
+
+
+def check_checksums(split_dir: PathLike, manifest: Dict[str, Any], require: bool = True) -> None:
+    """Refuse a manifest whose non-empty shards lack a sha256 (unless ``require`` is false):
+    without it a replaced or corrupt shard would be read silently."""
+    if not require:
+        return
+    missing = [s.get("file") for s in manifest["shards"] if s.get("num_samples") and not s.get("sha256")]
+    if missing:
+        raise ValueError(f"{Path(split_dir) / MANIFEST} lists shard(s) without a sha256 ({', '.join(map(str, missing[:3]))}"
+                         f"{', ...' if len(missing) > 3 else ''}): re-run `dist-llm prepare`, or accept unchecked "
+                         f"shards with data.require_checksums=false")
 
 
 def verify_shard(path: PathLike, sha256: str) -> None:
@@ -308,42 +327,6 @@ def _iter_members(data: bytes, path: PathLike):
         return
     for item in tar_file_iterator(io.BytesIO(data)):
         yield item["fname"], item["data"]
-
-
-def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str] = None) -> np.ndarray:
-    """Read a whole shard into an array ``[num_samples, sample_len]`` of ``dtype``.
-
-    Shards are small and read whole, so when ``sha256`` is given the bytes already in memory
-    are checked against it at no extra I/O cost. Members not ending in ``.tokens.npy`` are
-    ignored (room for side-car WebDataset fields).
-    """
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"shard {p} is listed in the manifest but missing; re-run `dist-llm prepare`"
-        ) from e
-    if sha256 is not None and sha256_bytes(data) != sha256:
-        raise ValueError(
-            f"checksum mismatch for {p}: manifest says {sha256}, file has {sha256_bytes(data)}; "
-            f"the shard is corrupt or was rewritten without its manifest: re-run `dist-llm prepare`"
-        )
-    want = np.dtype(dtype)
-    rows: List[np.ndarray] = []
-    for name, blob in _iter_members(data, p):
-        if not name.endswith(SAMPLE_SUFFIX):
-            continue
-        arr = np.load(io.BytesIO(blob), allow_pickle=False)
-        if arr.shape != (sample_len,) or arr.dtype != want:
-            raise ValueError(
-                f"{p}:{name} holds an array of shape {arr.shape} and dtype {arr.dtype}, expected "
-                f"({sample_len},) {want}; the shard does not match its manifest"
-            )
-        rows.append(arr)
-    if not rows:
-        return np.zeros((0, sample_len), dtype=want)
-    return np.stack(rows)
 
 
 def read_records(path: PathLike) -> List[Dict[str, bytes]]:

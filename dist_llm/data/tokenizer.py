@@ -184,7 +184,9 @@ def load_tokenizer(meta: Dict[str, Any], base_dir: Optional[PathLike] = None) ->
     if kind == "char":
         return CharTokenizer(meta["chars"])
     if kind == "hf":
-        path = Path(base_dir or ".") / meta["file"]
+        from dist_llm.fileio import safe_join
+
+        path = safe_join(Path(base_dir or "."), str(meta.get("file", "")), "tokenizer 'file' in the manifest's tokenizer meta")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} (from the manifest's tokenizer meta) is missing; "
                                     f"copy it back next to the split directories or re-run `dist-llm prepare`")

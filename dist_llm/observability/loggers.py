@@ -15,19 +15,18 @@ import logging
 import math
 import netrc
 import os
-import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from dist_llm.config.schema import LoggingConfig
+from dist_llm.observability.redact import REDACTED, is_secret_key, redact  # noqa: F401 - re-exported
 
 log = logging.getLogger("dist_llm.metrics")
 
 BACKENDS = ("wandb", "console", "none")
 WANDB_MODES = ("offline", "online", "disabled")
-REDACTED = "***REDACTED***"
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
@@ -178,49 +177,10 @@ class MultiLogger(MetricLogger):
 
 # --------------------------------------------------------------------------- secrets
 
-_SECRET_SUBSTRINGS = ("secret", "password", "passwd")
-_HEX40 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{40}(?![0-9a-fA-F])")
-_WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
-
-
-def is_secret_key(name: str) -> bool:
-    """True for names like api_key, apiKey, hf_token, accessToken, db_password, client_secret.
-
-    Matching is per word part (split on ``_ - .`` and camelCase), not a raw substring, so ordinary
-    training fields that merely contain "token"/"key"/"api" (``sample_tokens``, ``tokenizer``,
-    ``tokens_per_s``, ``keep_last``, ``rapid``) stay readable in the W&B config.
-    """
-    for part in (p.lower() for p in _WORD_SPLIT.split(str(name)) if p):
-        if any(s in part for s in _SECRET_SUBSTRINGS):
-            return True
-        if part.startswith("api") or part.endswith(("key", "keys", "token")):
-            return True
-    return False
-
-
-def _looks_like_wandb_key(value: str) -> bool:
-    """W&B API keys are 40 hex characters (optionally ``host-`` prefixed), also inside a line
-    such as ``export WANDB_API_KEY=...``. Git SHAs match too; W&B records the commit itself."""
-    return bool(_HEX40.search(value))
-
 
 def scrub_secrets(d: Any) -> Any:
-    """Deep copy of ``d`` with secret-named keys and key-shaped strings replaced by REDACTED.
-
-    Recurses through dicts, lists and tuples; other values are returned unchanged. The run
-    config is uploaded to (and stored offline by) W&B, so nothing credential-like may reach it.
-    """
-    if isinstance(d, Mapping):
-        out: dict[Any, Any] = {}
-        for k, v in d.items():
-            out[k] = REDACTED if is_secret_key(str(k)) and v is not None else scrub_secrets(v)
-        return out
-    if isinstance(d, (list, tuple)):
-        items = [scrub_secrets(v) for v in d]
-        return items if isinstance(d, list) else tuple(items)
-    if isinstance(d, str) and _looks_like_wandb_key(d):
-        return REDACTED
-    return d
+    """The run config as W&B may store it: :func:`dist_llm.observability.redact.redact`."""
+    return redact(d)
 
 
 # --------------------------------------------------------------------------- wandb

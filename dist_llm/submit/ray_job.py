@@ -80,7 +80,8 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dist_llm.config.store import config_to_dict, save_job_config
+    from dist_llm.config.store import config_to_dict
+    from dist_llm.observability.redact import save_config_redacted
     from dist_llm.train.run import run_dir_for
 
     la = cfg.launcher
@@ -89,7 +90,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     run_dir = run_dir_for(cfg, job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    save_job_config(cfg, str(config_path))
+    save_config_redacted(cfg, config_path)
 
     if not ray.is_initialized():
         address = la.address if la.address and not la.address.startswith(("http://", "https://")) else None

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
+from dist_llm.observability.redact import redact_text
 
 ENTRYPOINT = ("-m", "dist_llm.cli.main", "train")
 
@@ -245,7 +246,7 @@ def submit_slurm(cfg: JobConfig, overrides: Sequence[str], dry_run: bool = False
     (Slurm does not create the directories of ``--output``), the script is stored there as
     ``job.sbatch``, and the job is released.
     """
-    script = render_sbatch(cfg, overrides, python=python)
+    script = redact_text(render_sbatch(cfg, overrides, python=python))  # secrets come from the environment
     if dry_run:
         print(script, file=stdout or sys.stdout, end="")
         return script
@@ -254,7 +255,7 @@ def submit_slurm(cfg: JobConfig, overrides: Sequence[str], dry_run: bool = False
     fd, tmp = tempfile.mkstemp(prefix=f".{cfg.name}-", suffix=".sbatch", dir=out_dir)
     with os.fdopen(fd, "w") as f:
         f.write(script)
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o700)  # may name site details; sbatch needs no other reader
 
     def run(cmd: List[str]) -> "subprocess.CompletedProcess":
         proc = runner(cmd, capture_output=True, text=True, check=False)

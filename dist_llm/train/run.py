@@ -36,6 +36,9 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    from dist_llm.observability.redact import install_log_redaction
+
+    install_log_redaction()  # every handler of the root logger: secrets never reach a log line
 
 
 def _seed_all(seed: int) -> None:
@@ -123,7 +126,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
         val_loader = None
         if cfg.data.val and tr.eval_every:
             val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
-                                   tr.eval_batches * tr.global_batch_size)
+                                   tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums)
 
         _seed_all(tr.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
