@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 import dist_llm.checkpoint.manager as manager_mod
 from dist_llm.checkpoint.manager import CheckpointError, CheckpointManager
+from dist_llm.parallel.engine import Engine
 
 SECRET = "SENTINELVALUE123"
 
@@ -29,7 +30,7 @@ class _Layout:
         pass
 
 
-class TinyEngine:
+class TinyEngine(Engine):
     def __init__(self, seed: int = 0):
         torch.manual_seed(seed)
         self.model = torch.nn.Linear(4, 3)
@@ -51,6 +52,7 @@ class TinyEngine:
 
 
 class ShardedEngine(TinyEngine):
+    supports_sharded = True
     reshardable = True
 
     def save_sharded(self, d: Path):
