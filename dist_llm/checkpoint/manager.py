@@ -304,8 +304,7 @@ class CheckpointManager:
         same branch and none waits in a collective the others skipped."""
         if getattr(self.layout, "world_size", 1) == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self.layout, "device", "cpu"))
-        return bool(self.layout.all_reduce_max(t).item() > 0)
+        return self.layout.agree(flag)
 
     # --- integrity ---
     read_manifest = staticmethod(read_manifest)

@@ -8,7 +8,7 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -59,24 +59,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 
 def train_micro_batches(ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                        before_optimizer_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine; returns the sum of
     the micro-batch losses as a float64 scalar on ``device``.
 
     The sum stays on the device: no host sync per micro-batch; the caller reduces it once.
+    ``before_optimizer_step`` runs after the last backward (gradients accumulated and reduced)
+    and before the step that clips and applies them.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         loss = loss_fn(mb)
         ds_engine.backward(loss)
+        if before_optimizer_step is not None and i == len(micro_batches) - 1:
+            before_optimizer_step()
         ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().double()
     return total
 
 
-def global_grad_norm(ds_engine) -> float:
-    """The norm of the last step's gradients before clipping (nan if DeepSpeed has none)."""
+def global_grad_norm(ds_engine, fallback: Optional[float] = None) -> float:
+    """The norm of the last step's gradients before clipping: DeepSpeed's, else ``fallback``
+    (the engine's own count, see :func:`replicated_grad_norm`), else nan."""
     gn = ds_engine.get_global_grad_norm()
-    return float(gn) if gn is not None else math.nan
+    if gn is not None:
+        return float(gn)
+    return float(fallback) if fallback is not None else math.nan
+
+
+@torch.no_grad()
+def replicated_grad_norm(params) -> float:
+    """2-norm of ``p.grad`` over ``params`` when every rank holds the full, already averaged
+    gradients (ZeRO stage 0 after the boundary all-reduce): a local sum is the global norm.
+    DeepSpeed does not record a norm at stage 0, so the engine computes it here."""
+    sq = None
+    for p in params:
+        if p.grad is not None:
+            s = p.grad.detach().double().pow(2).sum()
+            sq = s if sq is None else sq + s
+    return math.sqrt(float(sq)) if sq is not None else math.nan

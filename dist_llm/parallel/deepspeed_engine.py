@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+                                                replicated_grad_norm, train_micro_batches)
 from dist_llm.parallel.engine import Engine, StepStats
 from dist_llm.parallel.layout import ParallelLayout
 
@@ -92,9 +93,14 @@ class DeepSpeedEngine(Engine):
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
         # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
-        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device)
+        norm = {}
+        own_norm = None
+        if self.stage == 0:  # DeepSpeed records no norm at stage 0: count it before the step clips
+            own_norm = lambda: norm.setdefault("gn", replicated_grad_norm(self.engine.module.parameters()))  # noqa: E731
+        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
+                                    before_optimizer_step=own_norm)
         self.layout.all_reduce_sum(total)
-        gn = global_grad_norm(self.engine)
+        gn = global_grad_norm(self.engine, norm.get("gn"))
         return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn)
 
     @torch.no_grad()

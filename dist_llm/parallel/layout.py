@@ -75,32 +75,84 @@ class ParallelLayout:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    # --- small collectives used by the trainer; no-ops on one process ---
+    # --- every collective our code issues goes through these (no-ops on one process) ---
+    # NCCL only moves tensors on the rank's GPU, gloo only CPU tensors: a tensor built with a bare
+    # torch.tensor(...) works on the CPU mock cluster and fails at the first step on GPUs. Helpers
+    # that build their own tensor put it on self.device; helpers that take one refuse another
+    # device with an error naming it (tests/test_collective_devices.py records every call).
+    def check_device(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if t.device != self.device:
+            raise CollectiveDeviceError(
+                f"{what}: tensor on {t.device} but this rank's collectives run on {self.device} "
+                f"(backend {self.backend}); create it with device=layout.device")
+        return t
+
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            if self.device.type == "cuda":  # NCCL: the rank's own GPU, not a guess from the rank
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+        """In place over ``group`` (None = the world)."""
+        if self.world_size > 1:
+            dist.all_reduce(self.check_device(t, "all_reduce"), op=op, group=group)
+        return t
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return t
+        return self.all_reduce(t, dist.ReduceOp.SUM, self.dp_group)
 
     def all_reduce_world_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        return self.all_reduce(t, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce_scalar(self, value: float, op=dist.ReduceOp.SUM, group=None) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        return float(self.all_reduce(t, op, group).item())
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce), so all
+        ranks take the same branch and none waits in a collective the others skipped."""
+        if self.world_size == 1:
+            return bool(flag)
+        return self.all_reduce_scalar(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+
+    def all_gather(self, parts: list, t: torch.Tensor, group=None) -> list:
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            for p in parts:
+                self.check_device(p, "all_gather output")
+            dist.all_gather(parts, self.check_device(t, "all_gather"), group=group)
+        else:
+            parts[0].copy_(t)
+        return parts
+
+    def broadcast(self, t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(self.check_device(t, "broadcast"), src=src, group=group)
         return t
+
+    def all_gather_object(self, obj, group=None) -> list:
+        """One entry per rank of ``group``; objects are pickled through a tensor on the device
+        torch picks for the backend (``torch.cuda.current_device()``, set by pick_device)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
 
     def broadcast_object(self, obj, src: int = 0):
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, device=self.device)
         return box[0]
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor handed to a collective lives on another device than the rank's collectives."""
 
 
 class DeepSpeedMPU:

@@ -12,7 +12,7 @@ from dist_llm.checkpoint.manager import CheckpointManager, kill_self_hook
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
 from dist_llm.train.callbacks import Callback, StepTimer
-from dist_llm.train.preempt import PreemptionFlag
+from dist_llm.train.preempt import PREEMPT_FILE, PreemptionFlag
 from dist_llm.train.schedule import lr_at
 
 log = logging.getLogger("dist_llm.train")
@@ -50,7 +50,7 @@ class Trainer:
         self.requeue = requeue  # called on rank 0 after a preemption save (Slurm requeue)
         self.state = TrainState()
         self.last_lr = 0.0
-        self.preempt = PreemptionFlag()
+        self.preempt = PreemptionFlag(ckpt.run_dir / PREEMPT_FILE)  # the file: preemption off the main thread
         self._saved_at = -1
 
     # --- state ---

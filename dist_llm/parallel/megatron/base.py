@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import Engine
@@ -110,12 +109,11 @@ class MegatronEngineBase(Engine):
             pd = mm.partition_dim(p)
             if pd is not None and lay.tp > 1:
                 parts = [torch.empty_like(t) for _ in range(lay.tp)]
-                dist.all_gather(parts, t.contiguous(), group=lay.tp_group)
+                lay.all_gather(parts, t.contiguous(), group=lay.tp_group)
                 t = mm.tp_merge(name, parts, pd, self.gated)
             merged[name] = t.cpu().clone()
         if lay.pp > 1:
-            stages: List[Any] = [None] * lay.pp
-            dist.all_gather_object(stages, merged, group=lay.pp_group)
+            stages: List[Any] = lay.all_gather_object(merged, group=lay.pp_group)
             merged = {k: v for s in stages for k, v in s.items()}
         return mm.megatron_to_plain(merged, self.mcfg)
 

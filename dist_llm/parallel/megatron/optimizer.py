@@ -63,12 +63,12 @@ class DPShardedAdamW:
 
     @torch.no_grad()
     def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for p in self.params:
             if _counts_in_norm(p, self.layout.tp_rank):
                 sq += p.main_grad.double().pow(2).sum()
         if self.layout.mp_group is not None and self.layout.tp * self.layout.pp > 1:
-            dist.all_reduce(sq, group=self.layout.mp_group)
+            self.layout.all_reduce(sq, group=self.layout.mp_group)
         return math.sqrt(float(sq))
 
     @torch.no_grad()
@@ -97,7 +97,7 @@ class DPShardedAdamW:
             if not mine:
                 continue
             flat = _flatten_dense_tensors([p.data for p in mine])
-            dist.broadcast(flat, src=dist.get_global_rank(self.layout.dp_group, k), group=self.layout.dp_group)
+            self.layout.broadcast(flat, src=dist.get_global_rank(self.layout.dp_group, k), group=self.layout.dp_group)
             for p, v in zip(mine, _unflatten_dense_tensors(flat, [p.data for p in mine])):
                 p.data.copy_(v)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
@@ -41,12 +40,10 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         self.zero_stage = cfg.parallel.zero_stage
 
     def _allreduce_sp_grads_over_tp(self, module: torch.nn.Module) -> None:
-        group = self.layout.tp_group
+        layout, group = self.layout, self.layout.tp_group
 
         def allreduce_tp(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            dist.all_reduce(grad, group=group)
-            return grad
+            return layout.all_reduce(grad.clone(), group=group)
 
         for p in module.parameters():
             if getattr(p, "sequence_parallel", False):
