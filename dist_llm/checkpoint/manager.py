@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.checkpoint.compat import IncompatibleCheckpointError, check_resume_compatible
 from dist_llm.checkpoint.integrity import CheckpointError, check_sharded, join_inside, read_manifest, verify_tree
 from dist_llm.fileio import fsync_dir, sha256_file, write_atomic
 from dist_llm.observability.redact import redact
@@ -247,14 +248,18 @@ class CheckpointManager:
         raise CheckpointError(f"train.resume={resume!r} is neither a committed checkpoint (a step-N directory "
                               f"with manifest.json) nor a run directory with checkpoints/latest")
 
-    def resolve_verified(self, resume: str, engine, fallback: bool = False) -> Optional[Path]:
+    def resolve_verified(self, resume: str, engine, fallback: bool = False,
+                         config: Optional[Dict[str, Any]] = None) -> Optional[Path]:
         """The checkpoint to resume from, verified on every rank before any engine reads it.
 
         A checkpoint that fails (garbage ``latest``, a flipped byte, a missing or unlisted file, an
         escaping path) raises a CheckpointError naming the file; with ``fallback`` the newest older
         committed checkpoint that verifies on every rank is used instead (logged). Never None
-        when checkpoints exist, so a damaged run never silently starts afresh.
+        when checkpoints exist, so a damaged run never silently starts afresh. With ``config``
+        (this job's config dict) a checkpoint of another model shape, precision or ZeRO stage
+        is refused first (:mod:`dist_llm.checkpoint.compat`), never loaded.
         """
+        self._job_config = config
         path, err = None, None
         try:
             path = self.resolve(resume)
@@ -331,6 +336,11 @@ class CheckpointManager:
         # Same layout: this rank's own file (optimizer partition, RNG). Resharding: the loader state,
         # which is the same on every rank and independent of dp, from rank 0's file.
         rank_name = f"rank-{lay.rank:05d}.pt" if same_layout else "rank-00000.pt"
+        try:
+            check_resume_compatible(path, manifest, getattr(self, "_job_config", None),
+                                    loads_rank_partitions=same_layout and same_engine and not sharded)
+        except IncompatibleCheckpointError as e:
+            raise CheckpointError(str(e)) from None
         return same_layout, same_engine, sharded, rank_name
 
     def _verify_for(self, path: Path, engine) -> tuple[bool, bool, bool, str]:

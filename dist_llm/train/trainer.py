@@ -77,7 +77,8 @@ class Trainer:
     def maybe_resume(self) -> None:
         self.ckpt.remove_stale()
         path = self.ckpt.resolve_verified(self.cfg.train.resume, self.engine,
-                                          fallback=getattr(self.cfg.train, "resume_fallback", False))
+                                          fallback=getattr(self.cfg.train, "resume_fallback", False),
+                                          config=self.config_dict)
         if path is None:
             return
         trainer_state, loader_state = self.ckpt.load(path, self.engine)
