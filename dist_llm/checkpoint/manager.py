@@ -17,6 +17,9 @@ files, writes the manifest, renames the directory to ``step-N`` and only then re
 ``latest`` (write + rename, both atomic on POSIX). A crash at any point leaves ``latest`` on the
 previous committed checkpoint; stale ``*.tmp`` directories are removed at the next start.
 Nothing is unpickled: weights are safetensors and rank files load with ``weights_only=True``.
+
+Observers (:class:`SaveHook`) are told when a save passes each :class:`SaveStage`; the fault
+injection of the tests (dist_llm/train/debug.py) is one such observer.
 """
 from __future__ import annotations
 
@@ -25,10 +28,10 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +45,20 @@ STEP_RE = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class SaveStage(str, Enum):
+    """Named points of :meth:`CheckpointManager.save`, in order. The first two are passed on every
+    rank; the last two on rank 0 only (it alone writes the manifest and commits)."""
+
+    after_rank_files = "after_rank_files"  # this rank's files are in step-N.tmp (before the barrier)
+    after_all_files = "after_all_files"  # every rank's files are written (after the barrier)
+    after_manifest = "after_manifest"  # manifest.json written, step-N.tmp not yet renamed
+    before_latest = "before_latest"  # step-N committed, ``latest`` not yet repointed
+
+
+class SaveHook(Protocol):
+    def on_stage(self, stage: SaveStage, step: int) -> None: ...
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -77,11 +94,17 @@ def versions() -> Dict[str, str]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, layout: ParallelLayout, keep_last: int):
+    def __init__(self, run_dir: str | Path, layout: ParallelLayout, keep_last: int,
+                 hooks: Sequence[SaveHook] = ()):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.layout = layout
         self.keep_last = keep_last
+        self.hooks = list(hooks)
+
+    def _stage(self, stage: SaveStage, step: int) -> None:
+        for hook in self.hooks:
+            hook.on_stage(stage, step)
 
     # --- discovery ---
     def committed(self) -> list[Path]:
@@ -97,7 +120,7 @@ class CheckpointManager:
         path = self.root / pointer.read_text().strip()
         if not (path / "manifest.json").is_file():
             raise CheckpointError(f"{pointer} points at {path.name}, which is not a committed checkpoint "
-                                  f"(no manifest.json). Resume from an older one with train.resume=<path>.")
+                                  f"(no manifest.json). Resume from an older one with train.checkpoint.resume=<path>.")
         return path
 
     def remove_stale(self) -> None:
@@ -109,7 +132,7 @@ class CheckpointManager:
 
     # --- save ---
     def save(self, step: int, engine, trainer_state: Dict[str, Any], loader_state: Dict[str, Any],
-             config: Dict[str, Any], crash_hook: Optional[Callable[[], None]] = None) -> Path:
+             config: Dict[str, Any]) -> Path:
         name = f"step-{step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         rank = self.layout.rank
@@ -128,9 +151,9 @@ class CheckpointManager:
             os.fsync(f.fileno())
         if hasattr(engine, "save_sharded"):  # collective; inside tmp, so it commits with the rest
             engine.save_sharded(tmp / "sharded")
-        if crash_hook is not None:
-            crash_hook()
+        self._stage(SaveStage.after_rank_files, step)
         self.layout.barrier()
+        self._stage(SaveStage.after_all_files, step)
         if rank == 0:
             write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1, sort_keys=True))
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -139,10 +162,12 @@ class CheckpointManager:
                         "engine": type(engine).__name__, "files": files, "config": config, "versions": versions()}
             write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
             fsync_dir(tmp)
+            self._stage(SaveStage.after_manifest, step)
             if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(self.root)
+            self._stage(SaveStage.before_latest, step)
             write_atomic(self.root / "latest", name + "\n")
             self._prune(keep=final)
         self.layout.barrier()
@@ -180,7 +205,7 @@ class CheckpointManager:
             return path
         if (path / "checkpoints" / "latest").is_file():
             return CheckpointManager(path, self.layout, self.keep_last).latest()
-        raise CheckpointError(f"train.resume={resume!r} is neither a committed checkpoint (a step-N directory "
+        raise CheckpointError(f"train.checkpoint.resume={resume!r} is neither a committed checkpoint (a step-N directory "
                               f"with manifest.json) nor a run directory with checkpoints/latest")
 
     def load(self, path: Path, engine) -> tuple[Dict[str, Any], Dict[str, Any]]:
@@ -205,7 +230,7 @@ class CheckpointManager:
             if want is None or sha256_file(path / name) != want:
                 raise CheckpointError(f"checkpoint file {path / name} is missing or does not match its sha256 in "
                                       f"manifest.json (corrupt or partially copied); resume from another "
-                                      f"checkpoint with train.resume=<path>")
+                                      f"checkpoint with train.checkpoint.resume=<path>")
         if sharded:
             engine.load_sharded(path / "sharded")
         else:
@@ -216,11 +241,3 @@ class CheckpointManager:
             restore_rng(blob["rng"])
         trainer_state = json.loads((path / "trainer.json").read_text())
         return trainer_state, blob["loader"]
-
-
-def kill_self_hook(layout: ParallelLayout, rank: int) -> Callable[[], None]:
-    """Fault injection for tests: a real SIGKILL of one rank in the middle of a save."""
-    def hook() -> None:
-        if layout.rank == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return hook

@@ -8,15 +8,21 @@ from __future__ import annotations
 import os
 from typing import List, Mapping, Optional
 
-from dist_llm.config.schema import JobConfig
-
-PRESETS = ("gpt2", "llama")
-ENGINES = ("deepspeed", "megatron")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DECAYS = ("cosine", "linear", "constant")
-LOG_BACKENDS = ("wandb", "console", "none")
-LOG_MODES = ("offline", "online", "disabled")
-LAUNCHERS = ("local", "torchrun", "slurm", "ray", "none")
+from dist_llm.config.plan import RunPlan, make_plan
+from dist_llm.config.schema import (
+    Choice,
+    CrashPoint,
+    Decay,
+    EngineKind,
+    JobConfig,
+    LauncherKind,
+    LogBackend,
+    LogMode,
+    OptimizerName,
+    Precision,
+    Preset,
+    ProgressBar,
+)
 
 
 class ConfigError(ValueError):
@@ -39,7 +45,7 @@ def planned_world_size(cfg: JobConfig, env: Optional[Mapping[str, str]] = None) 
             return int(env["SLURM_NTASKS"])
         return cfg.launcher.nodes * cfg.launcher.tasks_per_node
     if kind == "ray":
-        return cfg.launcher.num_workers
+        return cfg.launcher.ray.num_workers
     if "WORLD_SIZE" in env:
         return int(env["WORLD_SIZE"])
     return 1
@@ -85,19 +91,20 @@ def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
     return p
 
 
-def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
-    """Raise :class:`ConfigError` listing every problem; return None when the job can run."""
+def validate(cfg: JobConfig, world_size: Optional[int] = None, job_id: Optional[str] = None) -> RunPlan:
+    """Raise :class:`ConfigError` listing every problem; return the job's :class:`RunPlan`."""
     world = planned_world_size(cfg) if world_size is None else world_size
     p: List[str] = []
     m, par, opt, tr, data, log, la = (cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data,
                                       cfg.logging, cfg.launcher)
 
-    def choice(field: str, value: str, allowed: tuple) -> None:
-        if value not in allowed:
-            p.append(f"{field}={value!r} is not one of {', '.join(allowed)}")
+    def choice(field: str, value: str, allowed: type[Choice]) -> None:
+        # Hydra rejects a bad choice while composing; this catches configs built in Python.
+        if value not in allowed.values():
+            p.append(f"{field}={value!r} is not one of {', '.join(allowed.values())}")
 
     # --- model ---
-    choice("model.preset", m.preset, PRESETS)
+    choice("model.preset", m.preset, Preset)
     for name in ("n_layers", "n_heads", "d_model", "max_seq_len", "vocab_size"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}={getattr(m, name)} must be >= 1")
@@ -116,8 +123,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         p.append(f"train.seq_len={tr.seq_len} must be >= 1")
 
     # --- parallel layout ---
-    choice("parallel.engine", par.engine, ENGINES)
-    choice("parallel.precision", par.precision, PRECISIONS)
+    choice("parallel.engine", par.engine, EngineKind)
+    choice("parallel.precision", par.precision, Precision)
     if par.zero_stage not in (0, 1, 2, 3):
         p.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     for name in ("tp", "pp", "vpp"):
@@ -178,13 +185,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             p.append(f"data.train[{i}].weight={src.weight} must be > 0")
 
     # --- optimisation and loop ---
-    if opt.name != "adamw":
-        p.append(f"optim.name={opt.name!r}: only adamw is supported")
+    choice("optim.name", opt.name, OptimizerName)
     if opt.lr <= 0:
         p.append(f"optim.lr={opt.lr} must be > 0")
     if not 0 <= opt.min_lr <= opt.lr:
         p.append(f"optim.min_lr={opt.min_lr} must be in [0, optim.lr={opt.lr}]")
-    choice("optim.decay", opt.decay, DECAYS)
+    choice("optim.decay", opt.decay, Decay)
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(opt, name) < 1.0:
             p.append(f"optim.{name}={getattr(opt, name)} must be in [0, 1)")
@@ -192,23 +198,30 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         p.append("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if tr.max_steps < 1:
         p.append(f"train.max_steps={tr.max_steps} must be >= 1")
-    if tr.log_every < 1 or tr.eval_every < 0 or tr.ckpt_every < 0:
-        p.append("train.log_every must be >= 1; train.eval_every and train.ckpt_every >= 0 (0 = off)")
-    if tr.keep_last < 1:
-        p.append(f"train.keep_last={tr.keep_last} must be >= 1 (the latest checkpoint is always kept)")
+    ck = tr.checkpoint
+    if tr.log_every < 1 or tr.eval_every < 0 or ck.every < 0:
+        p.append("train.log_every must be >= 1; train.eval_every and train.checkpoint.every >= 0 (0 = off)")
+    if ck.keep_last < 1:
+        p.append(f"train.checkpoint.keep_last={ck.keep_last} must be >= 1 (the latest checkpoint is always kept)")
     if tr.eval_every and not data.val and not data.build_embedded:
         p.append(f"train.eval_every={tr.eval_every} but data.val is not set: give a validation split or set eval_every=0")
-    if tr.progress_bar not in ("auto", "on", "off"):
-        p.append(f"train.progress_bar={tr.progress_bar!r} is not one of auto, on, off")
+    choice("train.ui.progress_bar", tr.ui.progress_bar, ProgressBar)
 
     # --- logging and launcher ---
-    choice("logging.backend", log.backend, LOG_BACKENDS)
-    choice("logging.mode", log.mode, LOG_MODES)
-    choice("launcher.kind", la.kind, LAUNCHERS)
+    choice("logging.backend", log.backend, LogBackend)
+    choice("logging.mode", log.mode, LogMode)
+    choice("launcher.kind", la.kind, LauncherKind)
     if la.kind == "local" and la.nproc < 1:
         p.append(f"launcher.nproc={la.nproc} must be >= 1")
+    dbg = cfg.debug
+    choice("debug.crash_point", dbg.crash_point, CrashPoint)
+    if dbg.enabled and not 0 <= dbg.crash_rank < max(world, 1):
+        p.append(f"debug.crash_rank={dbg.crash_rank} is not a rank of this job (world size {world})")
+    if dbg.enabled and dbg.crash_point in ("after_manifest", "before_latest") and dbg.crash_rank != 0:
+        p.append(f"debug.crash_point={dbg.crash_point} happens on rank 0 only: set debug.crash_rank=0")
     if not cfg.name or any(c in cfg.name for c in "/\\\n\r\t") or cfg.name.startswith("."):
         p.append(f"name={cfg.name!r} must be a plain run name (no path separators, no leading dot)")
 
     if p:
         raise ConfigError(p)
+    return make_plan(cfg, world, job_id)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_llm.config.schema import ModelConfig
+from dist_llm.config.schema import ModelConfig, Preset
 
-PRESETS = ("gpt2", "llama")
+PRESETS = Preset.values()
 IGNORE_INDEX = -100
 
 # (cos, sin), each [T, head_dim]; None for the gpt2 preset, which has learned positions.

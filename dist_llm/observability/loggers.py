@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from dist_llm.config.schema import LoggingConfig
+from dist_llm.config.schema import LogBackend, LoggingConfig, LogMode
 
 log = logging.getLogger("dist_llm.metrics")
 
-BACKENDS = ("wandb", "console", "none")
-WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = LogBackend.values()
+WANDB_MODES = LogMode.values()
 REDACTED = "***REDACTED***"
 RUN_ID_FILE = "wandb_run_id.txt"
 

@@ -9,12 +9,12 @@ Preemption / time limit: ``--signal=B:USR1@<signal_seconds>`` reaches the batch 
 trap forwards USR1 to the srun step (bash runs a trap only while it sits in ``wait``, hence
 ``srun ... &`` and a ``wait`` loop). The trainer saves a committed checkpoint, rank 0 runs
 ``scontrol requeue`` (see :mod:`dist_llm.launch.slurm_requeue`), and the requeued job resumes
-from that checkpoint (``train.resume=auto``; the run directory is keyed by the job id, which a
+from that checkpoint (``train.checkpoint.resume=auto``; the run directory is keyed by the job id, which a
 requeue keeps).
 
 Quoting: values that go into ``#SBATCH`` lines must match a conservative pattern or are
 rejected (:class:`SbatchValueError`); overrides and srun arguments are ``shlex.quote``-d;
-control characters (newlines above all) are rejected everywhere. ``launcher.setup`` lines are
+control characters (newlines above all) are rejected everywhere. ``launcher.slurm.setup`` lines are
 the one exception by design: they are shell commands the user writes (``module load ...``,
 ``source .venv/bin/activate``), as trusted as a hand-written sbatch script; they are still
 checked to be single lines.
@@ -104,17 +104,17 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
     current directory) is where the job runs, so relative paths in the config resolve alike.
     Raises :class:`SbatchValueError` naming the first value that is not safe to render.
     """
-    la = cfg.launcher
+    la, sl = cfg.launcher, cfg.launcher.slurm
     name = _check("name", cfg.name, _NAME_RE,
                   "letters, digits and _.+- only, starting with a letter or digit, at most 128")
     nodes = _check_int("launcher.nodes", la.nodes, 1)
     tpn = _check_int("launcher.tasks_per_node", la.tasks_per_node, 1)
-    cpt = _check_int("launcher.cpus_per_task", la.cpus_per_task, 1)
-    gpn = _check_int("launcher.gpus_per_node", la.gpus_per_node, 0)
-    sig = _check_int("launcher.signal_seconds", la.signal_seconds, 0)
-    max_rq = la.max_requeues
+    cpt = _check_int("launcher.slurm.cpus_per_task", sl.cpus_per_task, 1)
+    gpn = _check_int("launcher.slurm.gpus_per_node", sl.gpus_per_node, 0)
+    sig = _check_int("launcher.slurm.signal_seconds", sl.signal_seconds, 0)
+    max_rq = sl.max_requeues
     if isinstance(max_rq, bool) or not isinstance(max_rq, int):
-        raise SbatchValueError(f"launcher.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
+        raise SbatchValueError(f"launcher.slurm.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
     port = _check_int("launcher.master_port", la.master_port, 0)
     if port > 65535:
         raise SbatchValueError(f"launcher.master_port={port} is not a TCP port")
@@ -134,19 +134,19 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
     ]
     if gpn:
         sb.append(f"--gpus-per-node={gpn}")
-    if la.partition:
-        sb.append(f"--partition={_check('launcher.partition', la.partition, _PARTITION_RE, 'names of letters, digits, _.+-, comma separated')}")
-    if la.account:
-        sb.append(f"--account={_check('launcher.account', la.account, _TOKEN_RE, 'letters, digits and _.+-')}")
-    if la.qos:
-        sb.append(f"--qos={_check('launcher.qos', la.qos, _TOKEN_RE, 'letters, digits and _.+-')}")
-    if la.time:
-        sb.append(f"--time={_check('launcher.time', la.time, _TIME_RE, 'minutes, MM:SS, HH:MM:SS or D-HH:MM:SS')}")
-    if la.constraint:
-        sb.append(f"--constraint={_check('launcher.constraint', la.constraint, _CONSTRAINT_RE, 'feature names with & | , * [ ] ( ) only')}")
-    if la.exclusive:
+    if sl.partition:
+        sb.append(f"--partition={_check('launcher.slurm.partition', sl.partition, _PARTITION_RE, 'names of letters, digits, _.+-, comma separated')}")
+    if sl.account:
+        sb.append(f"--account={_check('launcher.slurm.account', sl.account, _TOKEN_RE, 'letters, digits and _.+-')}")
+    if sl.qos:
+        sb.append(f"--qos={_check('launcher.slurm.qos', sl.qos, _TOKEN_RE, 'letters, digits and _.+-')}")
+    if sl.time:
+        sb.append(f"--time={_check('launcher.slurm.time', sl.time, _TIME_RE, 'minutes, MM:SS, HH:MM:SS or D-HH:MM:SS')}")
+    if sl.constraint:
+        sb.append(f"--constraint={_check('launcher.slurm.constraint', sl.constraint, _CONSTRAINT_RE, 'feature names with & | , * [ ] ( ) only')}")
+    if sl.exclusive:
         sb.append("--exclusive")
-    sb.append("--requeue" if la.requeue else "--no-requeue")
+    sb.append("--requeue" if sl.requeue else "--no-requeue")
     if sig:
         sb.append(f"--signal=B:USR1@{sig}")
     sb += [
@@ -155,16 +155,16 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
         f"--error={run_dir}/slurm-%j.err",
         "--open-mode=append",  # a requeued job appends to its logs
     ]
-    for line in la.extra_sbatch:
-        _check_line("launcher.extra_sbatch", line)
+    for line in sl.extra_sbatch:
+        _check_line("launcher.slurm.extra_sbatch", line)
         line = line.strip()
         if line.startswith("#SBATCH"):
             line = line[len("#SBATCH"):].strip()
-        _check("launcher.extra_sbatch", line, _EXTRA_RE, "one sbatch option per line, like --mail-type=END")
+        _check("launcher.slurm.extra_sbatch", line, _EXTRA_RE, "one sbatch option per line, like --mail-type=END")
         sb.append(line)
 
-    setup = [_check_line("launcher.setup", s) for s in la.setup]
-    srun_args = [_check_line("launcher.srun_args", a) for a in getattr(la, "srun_args", []) or []]
+    setup = [_check_line("launcher.slurm.setup", s) for s in sl.setup]
+    srun_args = [_check_line("launcher.slurm.srun_args", a) for a in sl.srun_args]
     train_args = training_overrides(overrides, "slurm")
 
     srun = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={tpn}", f"--cpus-per-task={cpt}",
@@ -185,7 +185,7 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
         "",
         "set -euo pipefail",
         "",
-        "# ---- environment (launcher.setup); site scripts (module, conda) often break under set -u",
+        "# ---- environment (launcher.slurm.setup); site scripts (module, conda) often break under set -u",
         "set +u",
         *setup,
         "set -u",
