@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,12 +82,11 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dist_llm.config.store import config_to_dict, save_job_config
-    from dist_llm.train.run import run_dir_for
 
     la = cfg.launcher.ray
     cfg = absolutize_paths(cfg)
     job_id = job_id or os.environ.get(JOB_ID_ENV) or new_job_id()
-    run_dir = run_dir_for(cfg, job_id)
+    run_dir = run_dir_for(cfg.output_dir, cfg.name, job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_job_config(cfg, str(config_path))
@@ -183,7 +183,7 @@ def submit_ray_job(cfg: JobConfig, overrides: Sequence[str], address: Optional[s
         client = JobSubmissionClient(addr)
     sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                             entrypoint_num_cpus=0)
-    print(f"submitted Ray job {sid} to {addr}; run directory "
-          f"{Path(cfg.output_dir).resolve() if extra else cfg.output_dir}/{cfg.name}-{job_id}\n"
+    run_dir = run_dir_for(str(Path(cfg.output_dir).resolve()) if extra else cfg.output_dir, cfg.name, job_id)
+    print(f"submitted Ray job {sid} to {addr}; run directory {run_dir}\n"
           f"  follow it: ray job logs --follow --address {addr} {sid}", file=sys.stderr)
     return sid

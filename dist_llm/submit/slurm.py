@@ -1,6 +1,7 @@
 """Render and submit the sbatch script of a training job (``dist-llm submit slurm``).
 
-The rendered script is thin: ``#SBATCH`` lines from ``cfg.launcher``, the user's environment
+The rendered script (the template ``job.sbatch.tmpl`` next to this module) is thin: ``#SBATCH``
+lines from ``cfg.launcher.slurm``, the user's environment
 setup lines, ``MASTER_ADDR``/``MASTER_PORT``, and one ``srun`` of the training entrypoint with
 the Hydra overrides. Every rank is one srun task; the launch contract
 (:func:`dist_llm.launch.env.read_launch_env`) maps Slurm's variables to ranks.
@@ -24,13 +25,16 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import string
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
+from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
 
@@ -91,41 +95,15 @@ def training_overrides(overrides: Sequence[str], launcher: str) -> List[str]:
 
 
 def run_dir_pattern(cfg: JobConfig, job_id: str = "%j") -> str:
-    """The run directory with Slurm's ``%j`` for the job id (absolute, as sbatch needs it)."""
-    return os.path.join(os.path.abspath(cfg.output_dir), f"{cfg.name}-{job_id}")
+    """The run directory with Slurm's ``%j`` for the job id (absolute, as sbatch needs it): the
+    rule of :func:`dist_llm.config.plan.run_dir_for`, with ``%j`` left for sbatch to fill in."""
+    return f"{run_dir_for(os.path.abspath(cfg.output_dir), cfg.name, None)}-{job_id}"
 
 
-def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "python",
-                  workdir: Optional[str] = None) -> str:
-    """The sbatch script of ``cfg`` (``cfg.launcher`` holds the Slurm settings).
-
-    ``overrides`` are the Hydra overrides every rank composes its config from (the same the user
-    gave ``dist-llm submit slurm``); ``launcher=slurm`` is appended. ``workdir`` (default: the
-    current directory) is where the job runs, so relative paths in the config resolve alike.
-    Raises :class:`SbatchValueError` naming the first value that is not safe to render.
-    """
-    la, sl = cfg.launcher, cfg.launcher.slurm
-    name = _check("name", cfg.name, _NAME_RE,
-                  "letters, digits and _.+- only, starting with a letter or digit, at most 128")
-    nodes = _check_int("launcher.nodes", la.nodes, 1)
-    tpn = _check_int("launcher.tasks_per_node", la.tasks_per_node, 1)
-    cpt = _check_int("launcher.slurm.cpus_per_task", sl.cpus_per_task, 1)
+def _sbatch_options(cfg: JobConfig, name: str, nodes: int, tpn: int, cpt: int, workdir: str) -> List[str]:
+    """The ``#SBATCH`` options, each value checked against a conservative pattern."""
+    sl = cfg.launcher.slurm
     gpn = _check_int("launcher.slurm.gpus_per_node", sl.gpus_per_node, 0)
-    sig = _check_int("launcher.slurm.signal_seconds", sl.signal_seconds, 0)
-    max_rq = sl.max_requeues
-    if isinstance(max_rq, bool) or not isinstance(max_rq, int):
-        raise SbatchValueError(f"launcher.slurm.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
-    port = _check_int("launcher.master_port", la.master_port, 0)
-    if port > 65535:
-        raise SbatchValueError(f"launcher.master_port={port} is not a TCP port")
-    workdir = os.path.abspath(workdir or os.getcwd())
-    _check("working directory", workdir, _PATH_RE,
-           "letters, digits and _.+,=@- path components only; run from a plainer path")
-    _check("output_dir", os.path.abspath(cfg.output_dir), _PATH_RE,
-           "letters, digits and _.+,=@- path components only (no spaces, %, quotes)")
-    _check("python", python, _PATH_RE, "an interpreter name or path")
-    run_dir = run_dir_pattern(cfg)
-
     sb: List[str] = [
         f"--job-name={name}",
         f"--nodes={nodes}",
@@ -147,8 +125,10 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
     if sl.exclusive:
         sb.append("--exclusive")
     sb.append("--requeue" if sl.requeue else "--no-requeue")
+    sig = _check_int("launcher.slurm.signal_seconds", sl.signal_seconds, 0)
     if sig:
         sb.append(f"--signal=B:USR1@{sig}")
+    run_dir = run_dir_pattern(cfg)
     sb += [
         f"--chdir={workdir}",
         f"--output={run_dir}/slurm-%j.out",
@@ -162,7 +142,38 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
             line = line[len("#SBATCH"):].strip()
         _check("launcher.slurm.extra_sbatch", line, _EXTRA_RE, "one sbatch option per line, like --mail-type=END")
         sb.append(line)
+    return sb
 
+
+def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "python",
+                  workdir: Optional[str] = None) -> str:
+    """The sbatch script of ``cfg`` (``cfg.launcher`` holds the Slurm settings).
+
+    ``overrides`` are the Hydra overrides every rank composes its config from (the same the user
+    gave ``dist-llm submit slurm``); ``launcher=slurm`` is appended. ``workdir`` (default: the
+    current directory) is where the job runs, so relative paths in the config resolve alike.
+    Raises :class:`SbatchValueError` naming the first value that is not safe to render.
+    """
+    la, sl = cfg.launcher, cfg.launcher.slurm
+    name = _check("name", cfg.name, _NAME_RE,
+                  "letters, digits and _.+- only, starting with a letter or digit, at most 128")
+    nodes = _check_int("launcher.nodes", la.nodes, 1)
+    tpn = _check_int("launcher.tasks_per_node", la.tasks_per_node, 1)
+    cpt = _check_int("launcher.slurm.cpus_per_task", sl.cpus_per_task, 1)
+    max_rq = sl.max_requeues
+    if isinstance(max_rq, bool) or not isinstance(max_rq, int):
+        raise SbatchValueError(f"launcher.slurm.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
+    port = _check_int("launcher.master_port", la.master_port, 0)
+    if port > 65535:
+        raise SbatchValueError(f"launcher.master_port={port} is not a TCP port")
+    workdir = os.path.abspath(workdir or os.getcwd())
+    _check("working directory", workdir, _PATH_RE,
+           "letters, digits and _.+,=@- path components only; run from a plainer path")
+    _check("output_dir", os.path.abspath(cfg.output_dir), _PATH_RE,
+           "letters, digits and _.+,=@- path components only (no spaces, %, quotes)")
+    _check("python", python, _PATH_RE, "an interpreter name or path")
+
+    sb = _sbatch_options(cfg, name, nodes, tpn, cpt, workdir)
     setup = [_check_line("launcher.slurm.setup", s) for s in sl.setup]
     srun_args = [_check_line("launcher.slurm.srun_args", a) for a in sl.srun_args]
     train_args = training_overrides(overrides, "slurm")
@@ -178,55 +189,20 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
         # same rule as dist_llm.launch.env.port_from_job_id (base 20000, span 20000)
         port_line = 'export MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))'
 
-    out: List[str] = ["#!/bin/bash", f"# dist-llm training job {name!s}: rendered by `dist-llm submit slurm`",
-                      "# (dist_llm/submit/slurm.py). Every srun task is one rank."]
-    out += [f"#SBATCH {s}" for s in sb]
-    out += [
-        "",
-        "set -euo pipefail",
-        "",
-        "# ---- environment (launcher.slurm.setup); site scripts (module, conda) often break under set -u",
-        "set +u",
-        *setup,
-        "set -u",
-        "",
-        "export PYTHONUNBUFFERED=1",
-        f"export DIST_LLM_MAX_REQUEUES={max_rq}",
-        "# rank 0's address: the first host of the allocation; the port derives from the job id",
-        'if command -v scontrol >/dev/null 2>&1; then',
-        '    _hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}")',
-        '    export MASTER_ADDR=${_hosts%%$\'\\n\'*}',
-        'fi',
-        port_line,
-        'echo "[dist-llm] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:' \
-        ' ${SLURM_NNODES:-?} node(s), master ${MASTER_ADDR:-?}:${MASTER_PORT}" >&2',
-        "",
-        "# ---- signals: forward USR1 (time limit / preemption notice) to the ranks; the ranks get",
-        "# SIGTERM from Slurm themselves, the shell only keeps waiting for them.",
-        "SRUN_PID=",
-        "forward_usr1() {",
-        '    echo "[dist-llm] batch shell got SIGUSR1; forwarding to the training step" >&2',
-        '    if [ -n "$SRUN_PID" ]; then kill -s USR1 "$SRUN_PID" 2>/dev/null || true; fi',
-        "}",
-        "trap forward_usr1 USR1",
-        "trap 'echo \"[dist-llm] batch shell got SIGTERM; waiting for the ranks\" >&2' TERM",
-        "",
-        f"{srun_line} &",
-        "SRUN_PID=$!",
-        "rc=0",
-        "while true; do",
-        '    set +e; wait "$SRUN_PID"; rc=$?; set -e',
-        '    kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned for a trap: keep waiting',
-        "done",
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then',
-        '    echo "[dist-llm] training saved a checkpoint and exited with the preemption code $rc" >&2',
-        "else",
-        '    echo "[dist-llm] training step ended with code $rc" >&2',
-        "fi",
-        'exit "$rc"',
-        "",
-    ]
-    return "\n".join(out)
+    return _SbatchTemplate(_template_text()).substitute(
+        name=name, sbatch_lines="".join(f"#SBATCH {s}\n" for s in sb), setup_lines="".join(f"{s}\n" for s in setup),
+        max_requeues=max_rq, port_line=port_line, srun_line=srun_line, exit_preempted=EXIT_PREEMPTED)
+
+
+
+class _SbatchTemplate(string.Template):
+    """``@name`` placeholders: the script is full of the shell's own ``$`` expansions."""
+
+    delimiter = "@"
+
+
+def _template_text() -> str:
+    return resources.files("dist_llm.submit").joinpath("job.sbatch.tmpl").read_text(encoding="utf-8")
 
 
 def _parse_job_id(stdout: str) -> str:

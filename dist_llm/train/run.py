@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from dist_llm.config import plan as run_plan
 from dist_llm.config.plan import RunPlan
 from dist_llm.config.schema import DatasetSource, JobConfig
 from dist_llm.config.store import config_to_dict
@@ -22,20 +21,15 @@ from dist_llm.launch.env import LaunchEnv, read_launch_env
 log = logging.getLogger("dist_llm.train")
 
 
-def run_dir_for(cfg: JobConfig, job_id: Optional[str]) -> Path:
-    """``<output_dir>/<name>[-<job id>]`` (see :func:`dist_llm.config.plan.run_dir_for`)."""
-    return run_plan.run_dir_for(cfg.output_dir, cfg.name, job_id)
-
-
 def quiet_known_warnings() -> None:
-    """Silence only the known noisy warnings, by module: DeepSpeed calls deprecated
-    torch.distributed APIs on every step and the warnings drown the log."""
+    """Silence only the known noisy warnings, by the module they are attributed to: DeepSpeed
+    (and Megatron) call deprecated torch.distributed APIs on every step and the warnings drown the
+    log. Everything else, our own code included, still warns."""
     import warnings
 
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"deepspeed(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron(\.|$)")
+    for module in ("deepspeed", "megatron", "torch.distributed"):
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def setup_logging(rank: int) -> None:
