@@ -258,3 +258,13 @@ def test_validate_returns_the_run_plan():
     assert validate(cfg, 2).run_dir == Path("/out/exp")
     megatron = compose(["parallel=tp2", "launcher.nproc=4", "train.global_batch_size=16", "train.micro_batch_size=2"])
     assert validate(megatron, 4).dp == 2 and validate(megatron, 4).grad_accum == 4
+
+
+def test_bad_choice_in_a_config_built_in_python_is_reported_by_validate():
+    cfg = compose([])
+    cfg.parallel.precision, cfg.train.ui.progress_bar, cfg.debug.crash_point = "fp64", "maybe", "later"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    msg = str(err.value)
+    assert "parallel.precision='fp64' is not one of fp32, bf16, fp16" in msg
+    assert "train.ui.progress_bar='maybe' is not one of auto, on, off" in msg and "debug.crash_point='later'" in msg
