@@ -19,6 +19,7 @@ from torch import nn
 from dist_llm.checkpoint.manager import CheckpointManager, SaveStage
 from dist_llm.config.plan import make_plan
 from dist_llm.config.schema import DatasetSource, DebugConfig, JobConfig
+from dist_llm.config.store import config_to_dict
 from dist_llm.data import ShardWriter, TrainLoader, ValLoader
 from dist_llm.launch.env import EXIT_PREEMPTED
 from dist_llm.observability import build_logger
@@ -163,8 +164,8 @@ def make_trainer(run_dir: Path, shards, engine=None, extra=(), requeue=None, hoo
     callbacks = [MetricsCallback(1.0, 0.0, 1), EvalLogCallback(),
                  CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best), *extra]
     ckpt = CheckpointManager(run_dir, layout, tr.checkpoint.keep_last, hooks=hooks)
-    return Trainer(cfg, layout, engine or FakeEngine(), loader, val, ckpt, logger, callbacks, NullProgress(), {},
-                   plan, requeue=requeue)
+    return Trainer(cfg, layout, engine or FakeEngine(), loader, val, ckpt, logger, callbacks, NullProgress(),
+                   config_to_dict(cfg), plan, requeue=requeue)
 
 
 def steps_logged(run_dir: Path) -> List[int]:
@@ -203,6 +204,8 @@ def test_checkpoint_cadence_keep_last_and_save_stages(tmp_path, shards):
     assert saved == [2, 4, 6, 7]  # every 2 steps, plus the end
     assert [p.name for p in t.ckpt.committed()] == ["step-00000006", "step-00000007"]
     assert t.ckpt.latest().name == "step-00000007"
+    manifest = json.loads((t.ckpt.latest() / "manifest.json").read_text())
+    assert manifest["config"]["parallel"]["precision"] == "fp32" and manifest["config"]["train"]["checkpoint"]["every"] == 2
     # The stages of the save of step 4, in order, with what each one sees on disk.
     at4 = [(st, tmp_manifest, final, latest) for st, s, tmp_manifest, final, latest in stages.seen if s == 4]
     assert at4 == [(SaveStage.after_rank_files, False, False, "step-00000002"),
