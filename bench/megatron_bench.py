@@ -49,10 +49,10 @@ def main() -> int:
             if a.only and not any(s in label for s in a.only):
                 continue
             args = ["train", f"name=bench{i}", "data.embedded_max_bytes=300000", "logging=none",
-                    "train.progress_bar=off", f"train.max_steps={a.steps}", "train.eval_every=0",
-                    "train.save_at_end=false", f"model.d_model={a.d_model}", f"model.n_layers={a.layers}",
+                    "train.ui.progress_bar=off", f"train.max_steps={a.steps}", "train.eval_every=0",
+                    "train.checkpoint.save_at_end=false", f"model.d_model={a.d_model}", f"model.n_layers={a.layers}",
                     f"train.micro_batch_size={a.micro_batch}", f"train.global_batch_size={a.global_batch}",
-                    "data.lanes=2", "train.peak_flops=1", *over]
+                    "data.lanes=2", "train.ui.peak_flops=1", *over]
             t0 = time.time()
             proc = subprocess.run([sys.executable, "-m", "dist_llm.cli.main", *args], cwd=tmp, env=env,
                                   capture_output=True, text=True)

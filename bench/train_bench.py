@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMON = ["model=demo", "train=demo", "train.eval_every=0", "train.ckpt_every=0", "train.save_at_end=false",
-          "train.sample_tokens=0", "logging=none", "train.progress_bar=off", "data.embedded_max_bytes=1000000"]
+COMMON = ["model=demo", "train=demo", "train.eval_every=0", "train.checkpoint.every=0", "train.checkpoint.save_at_end=false",
+          "train.sample.tokens=0", "logging=none", "train.ui.progress_bar=off", "data.embedded_max_bytes=1000000"]
 
 
 def run(workdir: Path, name: str, overrides: list[str], steps: int) -> dict:

@@ -12,13 +12,13 @@ OUT=${OUT:-$PWD/runs}
 
 # 1. through dist-llm (composes and validates the config first, uploads this repository as the
 #    job's working directory, prints the submission id)
-dist-llm submit ray launcher.num_workers=2 launcher.cpus_per_worker=1 launcher.max_failures=2 \
+dist-llm submit ray launcher.ray.num_workers=2 launcher.ray.cpus_per_worker=1 launcher.ray.max_failures=2 \
     experiment=smoke name=ray-smoke output_dir="$OUT"
 
 # 2. by hand, with the Ray CLI: the same entrypoint every launcher uses
 ray job submit --address "$RAY_ADDRESS" --working-dir . --no-wait \
     --runtime-env-json '{"excludes": ["/.git", "/.venv", "/runs", "/data"], "env_vars": {"DIST_LLM_JOB_ID": "by-hand-1"}}' \
-    -- python -m dist_llm.cli.main train launcher=ray launcher.num_workers=2 \
+    -- python -m dist_llm.cli.main train launcher=ray launcher.ray.num_workers=2 \
        experiment=smoke name=ray-by-hand output_dir="$OUT"
 
 echo "follow a job:  ray job logs --follow --address \"$RAY_ADDRESS\" <submission id>"

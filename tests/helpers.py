@@ -11,7 +11,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny, fast job: 300 kB of stdlib text, 2-layer model, no W&B.
-TINY = ["experiment=smoke", "data.embedded_max_bytes=300000", "logging=none", "train.progress_bar=off"]
+TINY = ["experiment=smoke", "data.embedded_max_bytes=300000", "logging=none", "train.ui.progress_bar=off"]
 
 
 def run_cli(args: List[str], cwd: Path, timeout: int = 600, env: Dict[str, str] | None = None,

@@ -12,7 +12,7 @@ from dist_llm.config.store import compose, job_config_from_yaml, save_job_config
 from dist_llm.config.validate import ConfigError, planned_world_size, validate
 
 CONF = REPO / "conf"
-TRAIN_GROUPS = ("model", "data", "parallel", "optim", "train", "logging", "launcher", "experiment")
+TRAIN_GROUPS = ("model", "data", "parallel", "optim", "train", "logging", "launcher", "debug", "experiment")
 # Options that need a value the user must supply (marked ??? in the YAML).
 REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight: 1.0}]"],
             ("train", "demo"): ["model=demo"],  # seq_len 128 needs the demo model's context
@@ -162,3 +162,109 @@ def test_every_prepare_config_composes_and_validates(group, option, tmp_path):
     cfg = compose_prepare([f"{group}={option}", *extra])
     assert isinstance(cfg, PrepareConfig)
     validate_prepare(cfg)
+
+
+# --- choices are enums; nested sections; the debug group; the run plan ---
+CHOICES = {"parallel.engine": "megatron", "parallel.precision": "bf16", "parallel.backend": "gloo",
+           "parallel.device": "cpu", "optim.decay": "linear", "optim.name": "adamw", "logging.backend": "none",
+           "logging.mode": "online", "launcher.kind": "torchrun", "train.ui.progress_bar": "off",
+           "model.preset": "llama", "debug.crash_point": "after_manifest"}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_bad_choice_is_rejected_at_composition_with_the_allowed_values(key):
+    from enum import Enum
+
+    cfg = compose([f"{key}={CHOICES[key]}"])
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    # An enum member that still compares, formats and hashes like its string.
+    assert isinstance(obj, Enum) and obj == CHOICES[key] and f"{obj}" == CHOICES[key] and str(obj) == CHOICES[key]
+    assert {CHOICES[key]: 1}[obj] == 1
+    allowed = [m.value for m in type(obj)]
+    with pytest.raises(Exception) as err:
+        compose([f"{key}=not_a_choice"])
+    msg = f"{err.value}\n{err.value.__cause__}"  # what the CLI prints: the override, then why
+    assert "not_a_choice" in msg and key in msg and all(a in msg for a in allowed), msg
+
+
+def _plain_types(node, path="cfg"):
+    """Every leaf of a serialized config is a plain JSON type (no enum subclass of str)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _plain_types(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _plain_types(v, f"{path}[{i}]")
+    else:
+        assert type(node) in (str, int, float, bool, type(None)), (path, type(node))
+
+
+def test_serialized_configs_write_plain_strings(tmp_path):
+    import json
+
+    import yaml
+
+    from dist_llm.config.store import config_to_dict
+
+    cfg = compose(["experiment=demo", "parallel.precision=bf16", "model.preset=llama", "model.d_model=64",
+                   "model.n_heads=4"])
+    d = config_to_dict(cfg)  # what W&B, the checkpoint manifest and the Ray workers get
+    _plain_types(d)
+    assert d["parallel"]["precision"] == "bf16" and d["model"]["preset"] == "llama"
+    assert json.loads(json.dumps(d))["logging"]["backend"] == "wandb"
+    save_job_config(cfg, str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text()
+    assert "precision: bf16" in text and "preset: llama" in text and "Precision" not in text
+    _plain_types(yaml.safe_load(text))
+    assert job_config_from_yaml(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_nested_train_and_launcher_sections():
+    cfg = compose(["train.checkpoint.every=5", "train.checkpoint.keep_last=3", "train.sample.tokens=7",
+                   "train.ui.peak_flops=1e12", "launcher=slurm", "launcher.slurm.partition=gpu",
+                   "launcher.ray.num_workers=3"])
+    assert (cfg.train.checkpoint.every, cfg.train.checkpoint.keep_last, cfg.train.sample.tokens) == (5, 3, 7)
+    assert cfg.train.ui.peak_flops == 1e12 and cfg.launcher.slurm.partition == "gpu"
+    assert cfg.launcher.slurm.max_requeues == 3 and cfg.launcher.ray.num_workers == 3
+    assert compose(["experiment=smoke"]).train.checkpoint.every == 5
+    assert compose(["train=demo", "model=demo"]).train.sample.tokens == 200
+    for old in ("train.ckpt_every=5", "launcher.partition=gpu", "train.crash_at_step=3"):
+        with pytest.raises(Exception, match=old.split("=")[0].split(".")[-1]):
+            compose([old])
+
+
+def test_debug_group_is_off_by_default_and_validated():
+    assert not compose([]).debug.enabled
+    cfg = compose(["debug=crash", "launcher.nproc=2", "debug.crash_rank=1", "debug.crash_point=after_rank_files"])
+    assert cfg.debug.enabled and cfg.debug.crash_at_step == 10
+    validate(cfg, 2)
+    with pytest.raises(ConfigError, match="debug.crash_rank=2"):
+        validate(compose(["debug.crash_at_step=3", "debug.crash_rank=2", "launcher.nproc=2"]), 2)
+    with pytest.raises(ConfigError, match="rank 0 only"):
+        validate(compose(["debug.crash_at_step=3", "debug.crash_rank=1", "debug.crash_point=before_latest",
+                          "launcher.nproc=2"]), 2)
+
+
+def test_validate_returns_the_run_plan():
+    from dist_llm.config.plan import RunPlan
+
+    cfg = compose(["launcher.nproc=2", "train.global_batch_size=16", "train.micro_batch_size=2",
+                   "train.seq_len=32", "output_dir=/out", "name=exp"])
+    plan = validate(cfg, 2, "123_4")
+    assert plan == RunPlan(world=2, dp=2, grad_accum=4, tokens_per_step=16 * 32, run_dir=Path("/out/exp-123_4"),
+                           job_id="123_4")
+    assert validate(cfg, 2).run_dir == Path("/out/exp")
+    megatron = compose(["parallel=tp2", "launcher.nproc=4", "train.global_batch_size=16", "train.micro_batch_size=2"])
+    assert validate(megatron, 4).dp == 2 and validate(megatron, 4).grad_accum == 4
+
+
+def test_bad_choice_in_a_config_built_in_python_is_reported_by_validate():
+    cfg = compose([])
+    cfg.parallel.precision, cfg.train.ui.progress_bar, cfg.debug.crash_point = "fp64", "maybe", "later"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    msg = str(err.value)
+    assert "parallel.precision='fp64' is not one of fp32, bf16, fp16" in msg
+    assert "train.ui.progress_bar='maybe' is not one of auto, on, off" in msg and "debug.crash_point='later'" in msg

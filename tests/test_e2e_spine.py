@@ -29,7 +29,7 @@ def _train(workdir: Path, name: str, *extra: str, check: bool = True) -> subproc
 
 
 def test_zero_stages_agree_with_each_other_and_one_rank(workdir):
-    common = ["train.max_steps=20", "train.eval_every=0", "train.ckpt_every=0", "train.save_at_end=false"]
+    common = ["train.max_steps=20", "train.eval_every=0", "train.checkpoint.every=0", "train.checkpoint.save_at_end=false"]
     losses = {}
     for stage in (0, 1, 2, 3):
         _train(workdir, f"z{stage}", f"parallel=zero{stage}", "launcher.nproc=2", *common)
@@ -63,17 +63,17 @@ def _tensors(path: Path) -> dict:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_exact_resume_matches_uninterrupted(workdir, stage):
-    common = ["launcher.nproc=2", f"parallel=zero{stage}", "train.max_steps=40", "train.ckpt_every=20",
+    common = ["launcher.nproc=2", f"parallel=zero{stage}", "train.max_steps=40", "train.checkpoint.every=20",
               "train.eval_every=0"]
     logging = ["logging=wandb"] if stage == 2 else []
     _train(workdir, "full", *common)
-    first = _train(workdir, "res", *common, *logging, "train.crash_at_step=20", check=False)
+    first = _train(workdir, "res", *common, *logging, "debug.crash_at_step=20", check=False)
     assert first.returncode == 13, first.stderr[-3000:]  # the injected crash, not a clean exit
     run = workdir / "runs" / "res"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000020"
     if logging:
         run_id = (run / "wandb_run_id.txt").read_text().strip()
-    second = _train(workdir, "res", *common, *logging, "train.crash_at_step=20")
+    second = _train(workdir, "res", *common, *logging, "debug.crash_at_step=20")
     assert "resumed from" in second.stderr and "step-00000020" in second.stderr
 
     full, res = metrics(workdir / "runs" / "full"), metrics(run)
@@ -98,8 +98,8 @@ def test_exact_resume_matches_uninterrupted(workdir, stage):
 
 
 def test_kill9_during_checkpoint_keeps_latest_and_resumes(workdir):
-    args = ["launcher.nproc=2", "parallel=zero2", "train.max_steps=15", "train.ckpt_every=5", "train.eval_every=0",
-            "train.crash_at_step=10", "train.crash_during_save=true", "train.crash_rank=1"]
+    args = ["launcher.nproc=2", "parallel=zero2", "train.max_steps=15", "train.checkpoint.every=5", "train.eval_every=0",
+            "debug.crash_at_step=10", "debug.crash_point=after_rank_files", "debug.crash_rank=1"]
     first = _train(workdir, "k9", *args, check=False)
     assert first.returncode == 128 + signal.SIGKILL, first.returncode  # reported like a shell does
     ckpts = workdir / "runs" / "k9" / "checkpoints"
@@ -123,7 +123,7 @@ def test_kill9_during_checkpoint_keeps_latest_and_resumes(workdir):
 
 def test_eval_best_sample_and_offline_wandb(workdir):
     proc = _train(workdir, "e2e", "launcher.nproc=2", "logging=wandb", "train.max_steps=60", "train.eval_every=20",
-                  "train.ckpt_every=30", "train.sample_tokens=40", "optim.warmup_steps=5")
+                  "train.checkpoint.every=30", "train.sample.tokens=40", "optim.warmup_steps=5")
     run = workdir / "runs" / "e2e"
     val = metrics(run, "val/loss")
     assert sorted(val) == [0, 20, 40, 60]
@@ -151,7 +151,7 @@ def test_multirun_sweep_gets_one_run_dir_per_point(workdir):
 
 def test_sigusr1_saves_exits_with_preempted_code_and_resumes(workdir):
     args = ["launcher.nproc=2", "parallel=zero2", "train.max_steps=2000", "train.eval_every=0",
-            "train.ckpt_every=0"]
+            "train.checkpoint.every=0"]
     env = dict(os.environ, WANDB_SILENT="true")
     proc = subprocess.Popen([sys.executable, "-m", "dist_llm.cli.main", "train", *TINY, "name=pre", *args],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

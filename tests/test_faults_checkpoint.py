@@ -1,12 +1,12 @@
 """Checkpoint faults end to end: the real CLI, 2 gloo ranks, DeepSpeed ZeRO-2, real checkpoints.
 
 One uninterrupted run saves steps 10, 20 and 30; each test copies its run directory, damages
-the newest checkpoint and starts the same job again (``train.resume=auto``):
+the newest checkpoint and starts the same job again (``train.checkpoint.resume=auto``):
 
 * a flipped byte (in rank 1's file, which only rank 1 reads: the ranks must agree), a missing
   file, a manifest entry that escapes, a symlink to a file outside: the job fails, the error
   names the file, nothing trains (never a silent fresh start);
-* the same with ``train.resume_fallback=true``: the job resumes from step 20 and steps 21..30
+* the same with ``train.checkpoint.resume_fallback=true``: the job resumes from step 20 and steps 21..30
   repeat the uninterrupted run's losses (to 1e-6: a resumed run repeats the same operations);
 * a crafted pickle as a rank file or as ``sharded/.metadata``, manifest rewritten to match: the
   job fails and the sentinel file the pickle would create does not exist.
@@ -27,7 +27,7 @@ from helpers import TINY, metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["launcher.nproc=2", "parallel=zero2", "train.max_steps=30", "train.ckpt_every=10", "train.keep_last=3",
+COMMON = ["launcher.nproc=2", "parallel=zero2", "train.max_steps=30", "train.checkpoint.every=10", "train.checkpoint.keep_last=3",
           "train.eval_every=0"]
 STEP30 = Path("runs") / "base" / "checkpoints" / "step-00000030"
 
@@ -115,7 +115,7 @@ def test_damaged_checkpoint_is_a_named_error_never_a_fresh_start(job, kind):
 
 def test_fallback_resumes_the_previous_checkpoint_with_equal_losses(job, base):
     _flip_rank1(job / STEP30, job)  # only rank 1 sees it: both ranks must fall back together
-    proc = _rerun(job, "train.resume_fallback=true")
+    proc = _rerun(job, "train.checkpoint.resume_fallback=true")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "step-00000020" in proc.stderr, proc.stderr[-3000:]
     full, res = metrics(base / "runs" / "base"), metrics(job / "runs" / "base")

@@ -279,7 +279,7 @@ def test_resave_of_an_existing_step_always_leaves_a_committed_checkpoint(tmp_pat
         _update_manifest(tmp, "model.safetensors")
         crashed = True
         try:
-            mgr.commit(tmp, mgr.root / "step-00000020")
+            mgr.commit(tmp, mgr.root / "step-00000020", 20)
             crashed = False
         except _Crash:
             pass

@@ -55,7 +55,7 @@ def _hf_source_and_data(tmp_path):
 def _common(hf_dir, data, steps):
     return ["model=pretrained", f"model.init_from={hf_dir}", "data=shards", f"data.train.0.path={data / 'train'}",
             "data.num_workers=0", "data.lanes=2", f"train.max_steps={steps}", f"train.seq_len={SEQ}",
-            "logging=none", "train.progress_bar=off"]
+            "logging=none", "train.ui.progress_bar=off"]
 
 
 def test_finetune_from_hf_llama_gqa_zero2_and_tp2_then_export(tmp_path):

@@ -1,7 +1,8 @@
 """The launch contract: every launcher's variables map onto one LaunchEnv."""
-from dist_llm.launch.env import expand_first_host, port_from_job_id, read_launch_env
-from dist_llm.train.run import run_dir_for
+from dist_llm.config.plan import make_plan, run_dir_for
 from dist_llm.config.schema import JobConfig
+from dist_llm.launch.env import expand_first_host, job_id_from_env, port_from_job_id, read_launch_env
+from dist_llm.launch.slurm_requeue import current_job_id
 
 
 def test_single_process_defaults():
@@ -35,6 +36,15 @@ def test_slurm_array_job_id():
     assert read_launch_env(env).job_id == "90_3"
 
 
+def test_one_job_id_rule_for_run_dir_and_requeue():
+    for env, want in (({"SLURM_JOB_ID": "99"}, "99"), ({"SLURM_JOBID": "98"}, "98"),
+                      ({"SLURM_JOB_ID": "99", "SLURM_ARRAY_JOB_ID": "90", "SLURM_ARRAY_TASK_ID": "3"}, "90_3"),
+                      ({"DIST_LLM_JOB_ID": "raysubmit_1"}, "raysubmit_1"), ({}, None)):
+        assert job_id_from_env(env) == want
+        if "DIST_LLM_JOB_ID" not in env:
+            assert current_job_id(env) == want  # the id scontrol requeues is the one in the run dir name
+
+
 def test_expand_first_host():
     assert expand_first_host("node[03-05,7],gpu1") == "node03"
     assert expand_first_host("gpu1,gpu2") == "gpu1"
@@ -44,6 +54,7 @@ def test_expand_first_host():
 
 def test_run_dir_from_name_and_job_id_not_time():
     cfg = JobConfig(name="exp", output_dir="/out")
-    assert str(run_dir_for(cfg, None)) == "/out/exp"
-    assert str(run_dir_for(cfg, "123")) == "/out/exp-123"
-    assert run_dir_for(cfg, "123") == run_dir_for(cfg, "123")  # a requeued job finds its directory
+    assert str(run_dir_for(cfg.output_dir, cfg.name, None)) == "/out/exp"
+    assert str(run_dir_for(cfg.output_dir, cfg.name, "123")) == "/out/exp-123"
+    assert str(run_dir_for(cfg.output_dir, cfg.name, "a/b c")) == "/out/exp-a_b_c"  # never a path separator
+    assert make_plan(cfg, 1, "123").run_dir == make_plan(cfg, 1, "123").run_dir  # a requeued job finds it

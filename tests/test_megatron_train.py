@@ -18,21 +18,21 @@ from helpers import REPO, TINY, max_rel_diff, metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "model.n_layers=4", "train.max_steps=20", "train.eval_every=0", "train.ckpt_every=0",
-          "train.save_at_end=false", "train.keep_last=5"]
+COMMON = [*TINY, "model.n_layers=4", "train.max_steps=20", "train.eval_every=0", "train.checkpoint.every=0",
+          "train.checkpoint.save_at_end=false", "train.checkpoint.keep_last=5"]
 RUNS = {  # name -> CLI overrides
-    "base": ["parallel=megatron", "launcher.nproc=1", "train.ckpt_every=15", "train.eval_every=10"],
-    "tp2": ["parallel=tp2", "launcher.nproc=2", "train.ckpt_every=10"],
+    "base": ["parallel=megatron", "launcher.nproc=1", "train.checkpoint.every=15", "train.eval_every=10"],
+    "tp2": ["parallel=tp2", "launcher.nproc=2", "train.checkpoint.every=10"],
     "sp": ["parallel=tp2_sp", "launcher.nproc=2"],
-    "pp2": ["parallel=pp2", "launcher.nproc=2", "train.ckpt_every=10"],
+    "pp2": ["parallel=pp2", "launcher.nproc=2", "train.checkpoint.every=10"],
     "vpp": ["parallel=pp2_vpp2", "launcher.nproc=2", "train.eval_every=10"],  # + forward-only schedule
-    "tp2pp2": ["parallel=tp2_pp2", "launcher.nproc=4", "train.ckpt_every=15"],
-    "pp2dp2": ["parallel=pp2", "launcher.nproc=4", "train.ckpt_every=10"],  # ZeRO-1 over DP: DPShardedAdamW
-    "tp2dp2z2": ["parallel=tp2_dp2_zero2", "launcher.nproc=4", "train.ckpt_every=10"],  # DeepSpeed ZeRO-2
+    "tp2pp2": ["parallel=tp2_pp2", "launcher.nproc=4", "train.checkpoint.every=15"],
+    "pp2dp2": ["parallel=pp2", "launcher.nproc=4", "train.checkpoint.every=10"],  # ZeRO-1 over DP: DPShardedAdamW
+    "tp2dp2z2": ["parallel=tp2_dp2_zero2", "launcher.nproc=4", "train.checkpoint.every=10"],  # DeepSpeed ZeRO-2
     # llama preset: SwiGLU's [gate; up] TP split, RoPE, untied LM head on the last stage
-    "llama-base": ["model=llama_tiny", "parallel=megatron", "launcher.nproc=1", "train.save_at_end=true"],
-    "llama-tp2pp2": ["model=llama_tiny", "parallel=tp2_pp2", "launcher.nproc=4", "train.save_at_end=true",
-                     "train.ckpt_every=15"],
+    "llama-base": ["model=llama_tiny", "parallel=megatron", "launcher.nproc=1", "train.checkpoint.save_at_end=true"],
+    "llama-tp2pp2": ["model=llama_tiny", "parallel=tp2_pp2", "launcher.nproc=4", "train.checkpoint.save_at_end=true",
+                     "train.checkpoint.every=15"],
 }
 TOL = 1e-5
 
@@ -78,7 +78,7 @@ def test_layout_losses_equal_one_device(runs, name):
 @pytest.mark.parametrize("name,steps", [("tp2", 10), ("pp2", 10), ("pp2dp2", 10)])
 def test_exact_resume_same_layout(runs, name, steps):
     full = metrics(runs.get(name))
-    resumed = runs.get(f"{name}-resume", [*RUNS[name], f"train.resume={runs.ckpt(name, steps)}"])
+    resumed = runs.get(f"{name}-resume", [*RUNS[name], f"train.checkpoint.resume={runs.ckpt(name, steps)}"])
     got = metrics(resumed)
     assert min(got) == steps + 1, "the resumed run must start after the checkpoint"
     for s in range(steps + 1, 21):
@@ -90,7 +90,7 @@ def test_checkpoint_at_tp2_pp2_reshards(runs, target):
     src = runs.ckpt("tp2pp2", 15)
     assert (src / "sharded" / "metadata.json").is_file()
     ref = metrics(runs.get("tp2pp2"))
-    got = metrics(runs.get(f"reshard-{target}", [*RUNS[target], f"train.resume={src}"]))
+    got = metrics(runs.get(f"reshard-{target}", [*RUNS[target], f"train.checkpoint.resume={src}"]))
     assert sorted(got) == [16, 17, 18, 19, 20]
     diff = max_rel_diff(got, ref, range(16, 21))
     print(f"tp2 x pp2 step 15 -> {target}: max relative difference of the next 5 losses = {diff:.2e}")
@@ -101,7 +101,7 @@ def test_checkpoint_at_tp2_pp2_reshards(runs, target):
 def test_optimizer_state_moves_between_zero_paths(runs, src, target):
     """DPShardedAdamW (pp=2, dp=2: each moment saved by its owner) <-> DeepSpeed ZeRO-2 (tp=2, dp=2:
     moments assembled from the DP partitions, and scattered back into them on load)."""
-    got = metrics(runs.get(f"{src}-to-{target}", [*RUNS[target], f"train.resume={runs.ckpt(src, 10)}"]))
+    got = metrics(runs.get(f"{src}-to-{target}", [*RUNS[target], f"train.checkpoint.resume={runs.ckpt(src, 10)}"]))
     ref = metrics(runs.get(src))
     diff = max_rel_diff(got, ref, range(11, 21))
     print(f"{src} step 10 -> {target}: max relative difference of the next 10 losses = {diff:.2e}")
@@ -134,7 +134,7 @@ def test_llama_tp2_pp2_equals_one_device(runs):
     print(f"llama tp2 x pp2: max relative loss difference {diff:.2e}, max abs weight difference {wdiff:.2e}")
     assert diff < TOL and wdiff < 1e-5
     # SwiGLU's fc1 (weights and Adam moments) is saved as gate/up halves: reshard it to tp=1 pp=1
-    got = metrics(runs.get("llama-reshard", [*RUNS["llama-base"], f"train.resume={runs.ckpt('llama-tp2pp2', 15)}"]))
+    got = metrics(runs.get("llama-reshard", [*RUNS["llama-base"], f"train.checkpoint.resume={runs.ckpt('llama-tp2pp2', 15)}"]))
     rdiff = max_rel_diff(got, metrics(runs.get("llama-tp2pp2")), range(16, 21))
     print(f"llama tp2 x pp2 step 15 -> tp1: max relative difference of the next 5 losses = {rdiff:.2e}")
     assert sorted(got) == [16, 17, 18, 19, 20] and rdiff < TOL

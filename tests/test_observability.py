@@ -274,5 +274,5 @@ def test_progress_noop_when_not_tty(monkeypatch: pytest.MonkeyPatch) -> None:
     on = make_progress(10, 3, "on")
     assert on.n == 3 and not isinstance(on, NullProgress)
     on.close()
-    with pytest.raises(ValueError, match="train.progress_bar"):
+    with pytest.raises(ValueError, match="train.ui.progress_bar"):
         make_progress(10, 0, "maybe")

@@ -32,7 +32,7 @@ def test_secret_shapes_are_redacted(text, secret):
 
 
 @pytest.mark.parametrize("text", [
-    "train.sample_tokens=16 data.tokenizer=byte train.keep_last=2",
+    "train.sample.tokens=16 data.tokenizer=byte train.checkpoint.keep_last=2",
     "module load cuda/12.1 && source venv/bin/activate",
     "step 20 loss 3.1416 tokens_per_s=1234",
 ])
@@ -66,13 +66,13 @@ def test_log_filter_redacts_messages_and_arguments(monkeypatch):
 
 def test_config_yaml_is_redacted_private_and_loads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
-    cfg = compose(["launcher=slurm", f"launcher.setup=['export HF_TOKEN={SENTINEL}','module load cuda']"])
+    cfg = compose(["launcher=slurm", f"launcher.slurm.setup=['export HF_TOKEN={SENTINEL}','module load cuda']"])
     path = tmp_path / "config.yaml"
     save_config_redacted(cfg, path)
     assert SENTINEL not in path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     back = job_config_from_yaml(str(path))
-    assert back.launcher.setup == [f"export HF_TOKEN={REDACTED}", "module load cuda"]
+    assert back.launcher.slurm.setup == [f"export HF_TOKEN={REDACTED}", "module load cuda"]
     assert back.model == cfg.model and back.train == cfg.train
 
 
@@ -80,7 +80,7 @@ def test_rendered_sbatch_is_redacted(monkeypatch):
     from dist_llm.submit.slurm import submit_slurm
 
     monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
-    overrides = [f"launcher.setup=['export HF_TOKEN={SENTINEL}']", "launcher.srun_args=['--container-env=HF_TOKEN=abc12345xyz']"]
+    overrides = [f"launcher.slurm.setup=['export HF_TOKEN={SENTINEL}']", "launcher.slurm.srun_args=['--container-env=HF_TOKEN=abc12345xyz']"]
     cfg = compose(["launcher=slurm", *overrides])
     out = io.StringIO()
     script = submit_slurm(cfg, overrides, dry_run=True, stdout=out)

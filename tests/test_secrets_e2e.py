@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 SENTINEL = "SENTINELVALUE123"
 # Where the launcher's shell setup lines live; adapt here if the launcher config is regrouped
 # (e.g. launcher.slurm.setup).
-SETUP_FIELD = "launcher.setup"
-SRUN_FIELD = "launcher.srun_args"
+SETUP_FIELD = "launcher.slurm.setup"
+SRUN_FIELD = "launcher.slurm.srun_args"
 SECRET_OVERRIDES = [f"{SETUP_FIELD}=['export HF_TOKEN={SENTINEL}','module load cuda']",
                     f"{SRUN_FIELD}=['--container-env=WANDB_API_KEY={SENTINEL}']"]
 
@@ -36,7 +36,7 @@ def _files_with(root: Path, needle: bytes) -> list:
 def test_sentinel_never_reaches_disk_or_logs(workdir):
     env = {"WANDB_API_KEY": SENTINEL, "WANDB_MODE": "offline", "HF_TOKEN": SENTINEL}
     train = run_cli(["train", *TINY, "logging=wandb", "logging.console=true", "name=sec", "train.max_steps=4",
-                     "train.ckpt_every=2", "train.eval_every=0", *SECRET_OVERRIDES], cwd=workdir, env=env)
+                     "train.checkpoint.every=2", "train.eval_every=0", *SECRET_OVERRIDES], cwd=workdir, env=env)
     submit = run_cli(["submit", "slurm", "--dry-run", "name=sec", "output_dir=runs", *SECRET_OVERRIDES],
                      cwd=workdir, env=env)
     run = workdir / "runs" / "sec"

@@ -192,7 +192,7 @@ def test_serves_a_checkpoint_written_by_a_real_training_run(workdir):
     from helpers import TINY, run_cli
 
     run_cli(["train", *TINY, "name=srv", "launcher.nproc=1", "train.max_steps=4", "train.eval_every=0",
-             "train.ckpt_every=0"], cwd=workdir)
+             "train.checkpoint.every=0"], cwd=workdir)
     run = workdir / "runs" / "srv"
     cfg = ServeConfig(model_path=str(run), device="cpu", max_tokens_limit=16)
     with BackgroundServer(create_app(cfg)) as srv:

@@ -46,7 +46,7 @@ def test_address_resolution(monkeypatch):
         resolve_address(cfg)
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
     assert resolve_address(cfg) == "http://10.0.0.1:8265"
-    cfg.launcher.address = "127.0.0.1:8265"
+    cfg.launcher.ray.address = "127.0.0.1:8265"
     assert resolve_address(cfg) == "http://127.0.0.1:8265"
     assert resolve_address(cfg, "https://h:1") == "https://h:1"
 
@@ -96,15 +96,15 @@ def cli(*args):
 
 
 def test_cli_slurm_dry_run_prints_a_valid_script(tmp_path):
-    r = cli("slurm", "--dry-run", "launcher.nodes=2", "launcher.partition=gpu", "train.max_steps=5",
-            "train.sample_prompt='a b; $(touch x)'")
+    r = cli("slurm", "--dry-run", "launcher.nodes=2", "launcher.slurm.partition=gpu", "train.max_steps=5",
+            "train.sample.prompt='a b; $(touch x)'")
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --partition=gpu" in r.stdout
     p = tmp_path / "s.sbatch"
     p.write_text(r.stdout)
     assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
     srun = [l for l in r.stdout.splitlines() if l.startswith("srun ")][0]
-    assert shlex.split(srun)[-3:] == ["train.sample_prompt='a b; $(touch x)'", "launcher=slurm", "&"]
+    assert shlex.split(srun)[-3:] == ["train.sample.prompt='a b; $(touch x)'", "launcher=slurm", "&"]
 
 
 def test_cli_rejects_hostile_name_and_bad_usage():
@@ -115,6 +115,6 @@ def test_cli_rejects_hostile_name_and_bad_usage():
 
 
 def test_cli_ray_dry_run():
-    r = cli("ray", "--dry-run", "--address", "http://127.0.0.1:8265", "launcher.num_workers=2")
+    r = cli("ray", "--dry-run", "--address", "http://127.0.0.1:8265", "launcher.ray.num_workers=2")
     assert r.returncode == 0, r.stderr
-    assert "entrypoint: python -m dist_llm.cli.main train launcher.num_workers=2" in r.stdout
+    assert "entrypoint: python -m dist_llm.cli.main train launcher.ray.num_workers=2" in r.stdout

@@ -24,19 +24,26 @@ pytestmark = pytest.mark.skipif(BASH is None, reason="bash not installed")
 INJECTIONS = [
     '"; rm -rf ~',
     "x=\"; rm -rf ~\"",
-    "train.sample_prompt=$(touch PWNED_dollar)",
-    "train.sample_prompt=`touch PWNED_tick`",
-    "train.sample_prompt='; touch PWNED_single; '",
+    "train.sample.prompt=$(touch PWNED_dollar)",
+    "train.sample.prompt=`touch PWNED_tick`",
+    "train.sample.prompt='; touch PWNED_single; '",
     "name=a' ; touch PWNED_q ; echo '",
     "x=$HOME ${HOME} \\ * ? [a] ~ & | ; < > !",
 ]
+
+
+def _set_launcher(cfg: JobConfig, field: str, value) -> None:
+    """``nodes``/``tasks_per_node``/``master_port`` live in ``launcher``, the rest in ``launcher.slurm``."""
+    target = cfg.launcher if field in ("nodes", "tasks_per_node", "master_port") else cfg.launcher.slurm
+    assert hasattr(target, field), field
+    setattr(target, field, value)
 
 
 def cfg_(**launcher):
     cfg = JobConfig()
     cfg.name = "tiny"
     for k, v in launcher.items():
-        setattr(cfg.launcher, k, v)
+        _set_launcher(cfg, k, v)
     return cfg
 
 
@@ -98,7 +105,7 @@ def test_hostile_values_are_rejected(field, value):
     if field in ("name", "output_dir"):
         setattr(cfg, field, value)
     else:
-        setattr(cfg.launcher, field, value)
+        _set_launcher(cfg, field, value)
     with pytest.raises(SbatchValueError) as e:
         render_sbatch(cfg, [])
     assert field.split("_")[0] in str(e.value)

@@ -12,7 +12,7 @@ from dist_llm.config.schema import EncoderArch, EncoderConfig
 from dist_llm.config.store import compose_prepare
 from dist_llm.data import read_manifest
 from dist_llm.data.batches import decode_image_batch
-from dist_llm.data.prepare import run_prepare
+from dist_llm.prepare import run_prepare
 from dist_llm.data.shards import IMAGES_FORMAT, read_records
 from dist_llm.models import build_encoder
 

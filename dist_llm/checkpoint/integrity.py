@@ -33,7 +33,7 @@ def read_manifest(path: Path) -> Dict[str, Any]:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{mpath} is not valid JSON ({e}): the checkpoint is corrupt; resume from "
-                              f"another with train.resume=<path> or train.resume_fallback=true") from None
+                              f"another with train.checkpoint.resume=<path> or train.checkpoint.resume_fallback=true") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise CheckpointError(f"{mpath} has no valid 'files' table (name -> sha256): the checkpoint is corrupt")
@@ -66,12 +66,12 @@ def verify_tree(path: Path, manifest: Dict[str, Any], skip: Callable[[str], bool
         p = path / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint file {p} listed in {mpath} is missing (deleted or partially "
-                                  f"copied); resume from another checkpoint with train.resume=<path> or "
-                                  f"train.resume_fallback=true")
+                                  f"copied); resume from another checkpoint with train.checkpoint.resume=<path> or "
+                                  f"train.checkpoint.resume_fallback=true")
         if not skip(rel) and sha256_file(p) != want:
             raise CheckpointError(f"checkpoint file {p} does not match its sha256 in {mpath} (corrupt or "
-                                  f"replaced); resume from another checkpoint with train.resume=<path> or "
-                                  f"train.resume_fallback=true")
+                                  f"replaced); resume from another checkpoint with train.checkpoint.resume=<path> or "
+                                  f"train.checkpoint.resume_fallback=true")
     return manifest
 
 

@@ -25,6 +25,11 @@ directory against its manifest: every entry is a plain relative path inside it, 
 no file the manifest does not list, and the sha256 of every file this rank will read (including
 ``sharded/`` and torch DCP's pickled ``.metadata``). Weights are safetensors and rank files load
 with ``weights_only=True``; the remaining trust boundary is the manifest itself (README).
+
+Nothing is unpickled: weights are safetensors and rank files load with ``weights_only=True``.
+
+Observers (:class:`SaveHook`) are told when a save passes each :class:`SaveStage`; the fault
+injection of the tests (dist_llm/train/debug.py) is one such observer.
 """
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +59,20 @@ OLD_SUFFIX = ".old"
 log = logging.getLogger("dist_llm.checkpoint")
 
 
+
+
+class SaveStage(str, Enum):
+    """Named points of :meth:`CheckpointManager.save`, in order. The first two are passed on every
+    rank; the last two on rank 0 only (it alone writes the manifest and commits)."""
+
+    after_rank_files = "after_rank_files"  # this rank's files are in step-N.tmp (before the barrier)
+    after_all_files = "after_all_files"  # every rank's files are written (after the barrier)
+    after_manifest = "after_manifest"  # manifest.json written, step-N.tmp not yet renamed
+    before_latest = "before_latest"  # step-N committed, ``latest`` not yet repointed
+
+
+class SaveHook(Protocol):
+    def on_stage(self, stage: SaveStage, step: int) -> None: ...
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -89,12 +108,18 @@ def versions() -> Dict[str, str]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, layout: ParallelLayout, keep_last: int):
+    def __init__(self, run_dir: str | Path, layout: ParallelLayout, keep_last: int,
+                 hooks: Sequence[SaveHook] = ()):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.layout = layout
         self.keep_last = keep_last
         self._verified: Optional[Path] = None  # the checkpoint resolve_verified just checked
+        self.hooks = list(hooks)
+
+    def _stage(self, stage: SaveStage, step: int) -> None:
+        for hook in self.hooks:
+            hook.on_stage(stage, step)
 
     # --- discovery ---
     def committed(self) -> list[Path]:
@@ -116,15 +141,15 @@ class CheckpointManager:
         try:
             name = pointer.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read {pointer}: {e}; set train.resume=<path> or "
-                                  f"train.resume_fallback=true") from e
+            raise CheckpointError(f"cannot read {pointer}: {e}; set train.checkpoint.resume=<path> or "
+                                  f"train.checkpoint.resume_fallback=true") from e
         if not STEP_RE.match(name):
             raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step-NNNNNNNN): "
-                                  f"it is empty or corrupt; set train.resume=<path> or train.resume_fallback=true")
+                                  f"it is empty or corrupt; set train.checkpoint.resume=<path> or train.checkpoint.resume_fallback=true")
         path = self._join(self.root, name, str(pointer))
         if not (path / "manifest.json").is_file():
             raise CheckpointError(f"{pointer} points at {path.name}, which is not a committed checkpoint "
-                                  f"(no manifest.json). Resume from an older one with train.resume=<path>.")
+                                  f"(no manifest.json). Resume from an older one with train.checkpoint.resume=<path>.")
         return path
 
     @staticmethod
@@ -158,7 +183,7 @@ class CheckpointManager:
 
     # --- save ---
     def save(self, step: int, engine, trainer_state: Dict[str, Any], loader_state: Dict[str, Any],
-             config: Dict[str, Any], crash_hook: Optional[Callable[[], None]] = None) -> Path:
+             config: Dict[str, Any]) -> Path:
         name = f"step-{step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         rank = self.layout.rank
@@ -177,9 +202,9 @@ class CheckpointManager:
             os.fsync(f.fileno())
         if engine.supports_sharded:  # collective; inside tmp, so it commits with the rest
             engine.save_sharded(tmp / "sharded")
-        if crash_hook is not None:
-            crash_hook()
+        self._stage(SaveStage.after_rank_files, step)
         self.layout.barrier()
+        self._stage(SaveStage.after_all_files, step)
         if rank == 0:
             write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1, sort_keys=True))
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -190,12 +215,13 @@ class CheckpointManager:
             write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
             os.chmod(tmp / "manifest.json", 0o600)  # the config may hold site details
             fsync_dir(tmp)
-            self.commit(tmp, final)
+            self._stage(SaveStage.after_manifest, step)
+            self.commit(tmp, final, step)
             self._prune(keep=final)
         self.layout.barrier()
         return final
 
-    def commit(self, tmp: Path, final: Path) -> None:
+    def commit(self, tmp: Path, final: Path, step: int) -> None:
         """Rename ``tmp`` to ``final`` and point ``latest`` at it. Every crash point leaves a
         committed checkpoint named: an existing ``final`` (re-saving a step, e.g. after resuming
         from an older checkpoint) is moved aside and deleted only after ``latest`` is written;
@@ -207,6 +233,7 @@ class CheckpointManager:
             os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(self.root)
+        self._stage(SaveStage.before_latest, step)
         write_atomic(self.root / "latest", final.name + "\n")
         fsync_dir(self.root)
         if old.exists():
@@ -245,7 +272,7 @@ class CheckpointManager:
         found = CheckpointManager(path, self.layout, self.keep_last).latest() if (path / "checkpoints").is_dir() else None
         if found is not None:
             return found
-        raise CheckpointError(f"train.resume={resume!r} is neither a committed checkpoint (a step-N directory "
+        raise CheckpointError(f"train.checkpoint.resume={resume!r} is neither a committed checkpoint (a step-N directory "
                               f"with manifest.json) nor a run directory with checkpoints/latest")
 
     def resolve_verified(self, resume: str, engine, fallback: bool = False,
@@ -271,10 +298,10 @@ class CheckpointManager:
             return path
         if not fallback:
             raise err or CheckpointError(f"checkpoint {path} failed verification on another rank (its log names "
-                                         f"the file); set train.resume_fallback=true to use an older one")
+                                         f"the file); set train.checkpoint.resume_fallback=true to use an older one")
         root = path.parent if path is not None else self._resume_root(resume)
         limit = int(STEP_RE.match(path.name).group(1)) if path is not None and STEP_RE.match(path.name) else None
-        log.warning("checkpoint unusable (%s); train.resume_fallback: trying older committed checkpoints in %s",
+        log.warning("checkpoint unusable (%s); train.checkpoint.resume_fallback: trying older committed checkpoints in %s",
                     err or "failed on another rank", root)
         for cand in reversed(self._committed_in(root)):
             if cand == path or (limit is not None and int(STEP_RE.match(cand.name).group(1)) >= limit):
@@ -286,10 +313,10 @@ class CheckpointManager:
                 cerr = e
                 log.warning("fallback candidate %s is unusable too: %s", cand, e)
             if not self._any_rank(cerr is not None):
-                log.warning("train.resume_fallback: resuming from %s", cand)
+                log.warning("train.checkpoint.resume_fallback: resuming from %s", cand)
                 return cand
         raise CheckpointError(f"no committed checkpoint in {root} verifies (first error: {err}); "
-                              f"start afresh explicitly with train.resume=never") from err
+                              f"start afresh explicitly with train.checkpoint.resume=never") from err
 
     def _resume_root(self, resume: str) -> Path:
         if resume == "auto":
@@ -373,11 +400,3 @@ class CheckpointManager:
             restore_rng(blob["rng"])
         trainer_state = json.loads((path / "trainer.json").read_text())
         return trainer_state, blob["loader"]
-
-
-def kill_self_hook(layout: ParallelLayout, rank: int) -> Callable[[], None]:
-    """Fault injection for tests: a real SIGKILL of one rank in the middle of a save."""
-    def hook() -> None:
-        if layout.rank == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return hook

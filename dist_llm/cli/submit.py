@@ -14,13 +14,13 @@ from typing import List, Optional
 USAGE = """usage: dist-llm submit slurm|ray [--dry-run] [--address URL] [hydra overrides...]
 
   slurm   render an sbatch script from launcher=slurm (launcher.nodes, launcher.tasks_per_node,
-          launcher.partition, ...) and submit it with sbatch; --dry-run prints the script
+          launcher.slurm.partition, ...) and submit it with sbatch; --dry-run prints the script
   ray     submit `python -m dist_llm.cli.main train <overrides> launcher=ray` to a Ray cluster
-          through the job submission API (address: --address, launcher.address or RAY_ADDRESS)
+          through the job submission API (address: --address, launcher.ray.address or RAY_ADDRESS)
 
 examples:
-  dist-llm submit slurm --dry-run launcher.nodes=2 launcher.partition=gpu experiment=demo
-  dist-llm submit ray --address http://127.0.0.1:8265 launcher.num_workers=2 experiment=smoke
+  dist-llm submit slurm --dry-run launcher.nodes=2 launcher.slurm.partition=gpu experiment=demo
+  dist-llm submit ray --address http://127.0.0.1:8265 launcher.ray.num_workers=2 experiment=smoke
 """
 
 
@@ -48,14 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     from dist_llm.config.store import compose
-    from dist_llm.config.validate import ConfigError, validate
+    from dist_llm.config.validate import ConfigError, planned_world_size, validate
     from dist_llm.submit.slurm import SbatchValueError, training_overrides
 
     try:
         cfg = compose(training_overrides(overrides, args.scheduler))
-        la = cfg.launcher
-        world = la.nodes * la.tasks_per_node if args.scheduler == "slurm" else la.num_workers
-        validate(cfg, world)
+        validate(cfg, planned_world_size(cfg, env={}))
     except SbatchValueError as e:
         print(f"dist-llm submit: {e}", file=sys.stderr)
         return 2

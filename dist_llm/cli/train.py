@@ -9,6 +9,7 @@ from typing import List
 from dist_llm.config.store import default_config_dir, register_configs, to_job_config
 from dist_llm.config.validate import ConfigError, planned_world_size, validate
 from dist_llm.interop import InteropError
+from dist_llm.launch.env import job_id_from_env
 
 _exit_code = 0
 
@@ -28,24 +29,24 @@ def _train_task(dcfg) -> None:
             from dist_llm.interop.init_from import derive_model_config
 
             cfg.model = derive_model_config(cfg.model)
-        validate(cfg, planned_world_size(cfg))
+        plan = validate(cfg, planned_world_size(cfg), job_id_from_env())
     except (ConfigError, InteropError) as e:
         print(f"dist-llm train: {e}", file=sys.stderr)
         _exit_code = 2
         return
-    _exit_code = launch(cfg) or _exit_code
+    _exit_code = launch(cfg, plan) or _exit_code
 
 
-def launch(cfg) -> int:
+def launch(cfg, plan=None) -> int:
     # The local launcher runs ranks as child processes even for nproc=1: a sweep then trains each
     # point in a fresh process (DeepSpeed keeps process-group state in module globals) and a
     # crashed rank cannot take the launcher down with it.
     if cfg.launcher.kind == "local" and "RANK" not in os.environ:
+        from dist_llm.config.plan import run_dir_for
         from dist_llm.launch.local import spawn_local
         from dist_llm.observability.redact import save_config_redacted
-        from dist_llm.train.run import run_dir_for
 
-        run_dir = run_dir_for(cfg, None)
+        run_dir = run_dir_for(cfg.output_dir, cfg.name, None)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "config.yaml"
         save_config_redacted(cfg, path)
@@ -59,15 +60,17 @@ def launch(cfg) -> int:
         from dist_llm.submit.ray_job import train_with_ray
 
         return 0 if train_with_ray(cfg).error is None else 1
-    return _run_here(cfg)
+    return _run_here(cfg, plan)
 
 
-def _run_here(cfg) -> int:
+def _run_here(cfg, plan=None) -> int:
+    """Train as this process's rank. ``plan`` is the CLI's validation result; run_training
+    reuses it when this rank's world size and job id match, so the config is validated once."""
     from dist_llm.train.run import run_training
     from dist_llm.train.trainer import Preempted
 
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, plan=plan)
     except Preempted as e:
         return int(e.code)
     if cfg.launcher.kind != "local" and os.environ.get("RANK", "0") == "0":

@@ -10,14 +10,106 @@ This module imports nothing of ours (see shared/notes/architecture.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import List, Optional
+
+
+class Choice(str, Enum):
+    """A config choice. Member names equal their values because OmegaConf parses an enum field
+    by member name: ``parallel.precision=bf16`` then works in YAML and on the command line, a bad
+    value is rejected while composing with the allowed names listed, and ``x == "bf16"`` as well as
+    ``f"{x}"`` behave like the plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple:
+        return tuple(m.value for m in cls)
+
+
+class Preset(Choice):
+    gpt2 = "gpt2"  # LayerNorm, learned positions, GELU
+    llama = "llama"  # RMSNorm, RoPE, SwiGLU
+
+
+class EngineKind(Choice):
+    deepspeed = "deepspeed"
+    megatron = "megatron"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Backend(Choice):
+    auto = "auto"  # nccl on GPU, gloo on CPU
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OptimizerName(Choice):
+    adamw = "adamw"
+
+
+class Decay(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class ProgressBar(Choice):
+    auto = "auto"  # on a tty only
+    on = "on"
+    off = "off"
+
+
+class LogBackend(Choice):
+    wandb = "wandb"
+    console = "console"
+    none = "none"
+
+
+class LogMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class LauncherKind(Choice):
+    local = "local"  # mock cluster: launcher.nproc ranks as local processes
+    torchrun = "torchrun"
+    slurm = "slurm"
+    ray = "ray"
+    none = "none"  # already a rank
+
+
+class CrashPoint(Choice):
+    """Where fault injection (debug group) kills a rank."""
+
+    after_step = "after_step"  # os._exit right after the optimizer step
+    after_rank_files = "after_rank_files"  # SIGKILL in a save, after this rank wrote its files
+    after_all_files = "after_all_files"  # in a save, after the barrier: every rank's files are written
+    after_manifest = "after_manifest"  # rank 0's manifest written, directory not yet renamed
+    before_latest = "before_latest"  # step-N renamed, latest not yet repointed
 
 
 @dataclass
 class ModelConfig:
     """A GPT decoder. ``preset`` picks the block flavour; sizes are free."""
 
-    preset: str = "gpt2"  # gpt2 (LayerNorm, learned positions, GELU) | llama (RMSNorm, RoPE, SwiGLU)
+    preset: Preset = Preset.gpt2
     n_layers: int = 2
     n_heads: int = 4
     # Key/value heads (grouped-query attention); None = n_heads (plain multi-head). Must divide n_heads.
@@ -77,7 +169,7 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "deepspeed"  # deepspeed | megatron (next issue)
+    engine: EngineKind = EngineKind.deepspeed  # deepspeed (ZeRO, data parallel) | megatron (tp/pp/sp)
     tp: int = 1
     pp: int = 1
     vpp: int = 1
@@ -85,15 +177,15 @@ class ParallelConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Precision = Precision.fp32
+    backend: Backend = Backend.auto
+    device: Device = Device.auto
     timeout_s: int = 600  # collective timeout: a dead peer fails the job instead of hanging it
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-3
     min_lr: float = 3e-4
     weight_decay: float = 0.1
@@ -101,9 +193,33 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: Decay = Decay.cosine
     decay_steps: Optional[int] = None  # None = train.max_steps - warmup_steps
     grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0 = only at the end
+    keep_last: int = 2
+    keep_best: bool = True
+    resume: str = "auto"  # auto | never | <path to a step-N checkpoint or a run directory>
+    save_at_end: bool = True
+    # A damaged checkpoint (garbage latest, bad sha256, missing file): false = stop naming the file;
+    # true = resume from the newest older committed checkpoint that verifies (logged).
+    resume_fallback: bool = False
+
+
+@dataclass
+class SampleConfig:
+    tokens: int = 0  # >0: generate a sample of this many tokens at the end
+    prompt: str = "def "
+
+
+@dataclass
+class UIConfig:
+    progress_bar: ProgressBar = ProgressBar.auto
+    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul on CPU / table on GPU
 
 
 @dataclass
@@ -116,43 +232,26 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0 = never
     eval_batches: int = 4
-    ckpt_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
-    keep_best: bool = True
-    resume: str = "auto"  # auto | never | <path to a step-N checkpoint or a run directory>
-    save_at_end: bool = True
-    sample_tokens: int = 0  # >0: generate a sample of this many tokens at the end
-    sample_prompt: str = "def "
-    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul on CPU / table on GPU
-    progress_bar: str = "auto"  # auto (tty only) | on | off
-    # Test hook: os._exit(code) on this rank after this step (fault-injection tests).
-    crash_at_step: int = -1
-    crash_rank: int = 0
-    crash_during_save: bool = False
-    # A damaged checkpoint (garbage latest, bad sha256, missing file): false = stop naming the file;
-    # true = resume from the newest older committed checkpoint that verifies (logged).
-    resume_fallback: bool = False
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
 
 
 @dataclass
 class LoggingConfig:
-    backend: str = "console"  # wandb | console | none
+    backend: LogBackend = LogBackend.console
     project: str = "dist-llm"
     entity: Optional[str] = None
     group: Optional[str] = None  # None = experiment name
-    mode: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
+    mode: LogMode = LogMode.offline  # WANDB_MODE wins when set
     tags: List[str] = field(default_factory=list)
     console: bool = True  # with backend=wandb, also print metric lines on the logging rank
 
 
 @dataclass
-class LauncherConfig:
-    kind: str = "local"  # local (mock cluster) | torchrun | slurm | ray | none (already a rank)
-    nproc: int = 1  # ranks of the local mock cluster
-    nodes: int = 1
-    tasks_per_node: int = 1
-    master_port: int = 0  # 0 = derived (job id for Slurm, a free port for local)
-    # Slurm rendering (dist-llm submit slurm)
+class SlurmConfig:
+    """``dist-llm submit slurm`` renders the sbatch script from these fields."""
+
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -168,12 +267,40 @@ class LauncherConfig:
     setup: List[str] = field(default_factory=list)
     # extra srun arguments, e.g. a site's container options: --container-image=..., --mpi=pmix
     srun_args: List[str] = field(default_factory=list)
-    # Ray
+
+
+@dataclass
+class RayConfig:
     address: Optional[str] = None
     num_workers: int = 1
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     max_failures: int = 2
+
+
+@dataclass
+class LauncherConfig:
+    kind: LauncherKind = LauncherKind.local
+    nproc: int = 1  # ranks of the local mock cluster
+    nodes: int = 1
+    tasks_per_node: int = 1
+    master_port: int = 0  # 0 = derived (job id for Slurm, a free port for local)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests (conf/debug/). Off unless ``crash_at_step >= 0``; it fires once
+    per run directory (a marker file), so the restarted job trains through."""
+
+    crash_at_step: int = -1
+    crash_rank: int = 0
+    crash_point: CrashPoint = CrashPoint.after_step
+
+    @property
+    def enabled(self) -> bool:
+        return self.crash_at_step >= 0
 
 
 @dataclass
@@ -190,13 +317,12 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
 
 
 # --- Encoders (BERT, ViT); the lead hooks EncoderConfig into ModelConfig/JobConfig ---------------
-from enum import Enum  # noqa: E402 - kept with the block it serves, so merges stay local
-
-
-class EncoderArch(str, Enum):
+class EncoderArch(Choice):
     """Which encoder :func:`dist_llm.models.build_encoder` builds."""
 
     bert = "bert"  # post-LN text encoder, MLM + NSP heads (HF BertForPreTraining numerics)

@@ -22,6 +22,7 @@ GROUP_SCHEMAS = {
     "train": schema.TrainConfig,
     "logging": schema.LoggingConfig,
     "launcher": schema.LauncherConfig,
+    "debug": schema.DebugConfig,
 }
 
 _registered: set = set()
@@ -85,8 +86,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """A typed config (job or prepare) as plain containers: W&B, manifests, Ray workers."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """A typed config (job or prepare) as plain containers: W&B, manifests, Ray workers.
+    Choices (enums) become their plain string values."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True,  # type: ignore[return-value]
+                                  enum_to_str=True)
 
 
 def job_config_from_yaml(path: str) -> schema.JobConfig:

@@ -5,18 +5,12 @@ user fixes a config in one round trip rather than one error per launch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
-from dist_llm.config.schema import JobConfig
-
-PRESETS = ("gpt2", "llama")
-ENGINES = ("deepspeed", "megatron")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DECAYS = ("cosine", "linear", "constant")
-LOG_BACKENDS = ("wandb", "console", "none")
-LOG_MODES = ("offline", "online", "disabled")
-LAUNCHERS = ("local", "torchrun", "slurm", "ray", "none")
+from dist_llm.config.plan import RunPlan, make_plan
+from dist_llm.config.schema import Choice, JobConfig
 
 
 class ConfigError(ValueError):
@@ -39,14 +33,10 @@ def planned_world_size(cfg: JobConfig, env: Optional[Mapping[str, str]] = None) 
             return int(env["SLURM_NTASKS"])
         return cfg.launcher.nodes * cfg.launcher.tasks_per_node
     if kind == "ray":
-        return cfg.launcher.num_workers
+        return cfg.launcher.ray.num_workers
     if "WORLD_SIZE" in env:
         return int(env["WORLD_SIZE"])
     return 1
-
-
-def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
-    return world_size // max(cfg.parallel.tp * cfg.parallel.pp, 1)
 
 
 def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
@@ -85,19 +75,24 @@ def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
     return p
 
 
-def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
-    """Raise :class:`ConfigError` listing every problem; return None when the job can run."""
-    world = planned_world_size(cfg) if world_size is None else world_size
+def _choice_problems(node: Any, prefix: str) -> List[str]:
+    """Every enum-typed field (its default is a :class:`Choice`) holds one of its values. Hydra
+    already rejects a bad choice while composing; this catches configs built in Python."""
     p: List[str] = []
-    m, par, opt, tr, data, log, la = (cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data,
-                                      cfg.logging, cfg.launcher)
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(f.default, Choice) and value not in type(f.default).values():
+            allowed = ", ".join(type(f.default).values())
+            p.append(f"{prefix}{f.name}={value!r} is not one of {allowed}")
+        elif dataclasses.is_dataclass(value):
+            p.extend(_choice_problems(value, f"{prefix}{f.name}."))
+    return p
 
-    def choice(field: str, value: str, allowed: tuple) -> None:
-        if value not in allowed:
-            p.append(f"{field}={value!r} is not one of {', '.join(allowed)}")
 
-    # --- model ---
-    choice("model.preset", m.preset, PRESETS)
+def _model_problems(cfg: JobConfig) -> List[str]:
+    """Model sizes and their fit with the sequence length."""
+    m, tr = cfg.model, cfg.train
+    p: List[str] = []
     for name in ("n_layers", "n_heads", "d_model", "max_seq_len", "vocab_size"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}={getattr(m, name)} must be >= 1")
@@ -117,10 +112,13 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                  f"lower train.seq_len or raise model.max_seq_len")
     if tr.seq_len < 1:
         p.append(f"train.seq_len={tr.seq_len} must be >= 1")
+    return p
 
-    # --- parallel layout ---
-    choice("parallel.engine", par.engine, ENGINES)
-    choice("parallel.precision", par.precision, PRECISIONS)
+
+def _layout_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
+    """world = dp * tp * pp, and what each engine supports."""
+    m, par = cfg.model, cfg.parallel
+    p: List[str] = []
     if par.zero_stage not in (0, 1, 2, 3):
         p.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     for name in ("tp", "pp", "vpp"):
@@ -129,7 +127,6 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if world < 1:
         p.append(f"world size {world} must be >= 1 (launcher.nproc / launcher.nodes * launcher.tasks_per_node)")
     model_par = max(par.tp, 1) * max(par.pp, 1)
-    dp = world // model_par if model_par else 0
     if world >= 1 and world % model_par:
         p.append(f"world size {world} is not divisible by parallel.tp={par.tp} x parallel.pp={par.pp}: "
                  f"world = dp*tp*pp must hold; use a world size that is a multiple of {model_par}")
@@ -155,8 +152,13 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         p.append("parallel.precision=fp16 is not supported on CPU: use fp32 or bf16")
     if par.timeout_s < 10:
         p.append(f"parallel.timeout_s={par.timeout_s} is too short for collectives; use >= 10")
+    return p
 
-    # --- batch arithmetic ---
+
+def _batch_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
+    """global = micro * grad_accum * dp, and the data lanes that cut it."""
+    par, tr, data = cfg.parallel, cfg.train, cfg.data
+    p: List[str] = []
     mb, gb = tr.micro_batch_size, tr.global_batch_size
     if mb < 1 or gb < 1:
         p.append(f"train.micro_batch_size={mb} and train.global_batch_size={gb} must be >= 1")
@@ -186,15 +188,17 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     for i, src in enumerate(data.train):
         if src.weight <= 0:
             p.append(f"data.train[{i}].weight={src.weight} must be > 0")
+    return p
 
-    # --- optimisation and loop ---
-    if opt.name != "adamw":
-        p.append(f"optim.name={opt.name!r}: only adamw is supported")
+
+def _loop_problems(cfg: JobConfig) -> List[str]:
+    """Optimizer, schedule, and the loop cadences."""
+    opt, tr, data = cfg.optim, cfg.train, cfg.data
+    p: List[str] = []
     if opt.lr <= 0:
         p.append(f"optim.lr={opt.lr} must be > 0")
     if not 0 <= opt.min_lr <= opt.lr:
         p.append(f"optim.min_lr={opt.min_lr} must be in [0, optim.lr={opt.lr}]")
-    choice("optim.decay", opt.decay, DECAYS)
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(opt, name) < 1.0:
             p.append(f"optim.{name}={getattr(opt, name)} must be in [0, 1)")
@@ -202,23 +206,38 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         p.append("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if tr.max_steps < 1:
         p.append(f"train.max_steps={tr.max_steps} must be >= 1")
-    if tr.log_every < 1 or tr.eval_every < 0 or tr.ckpt_every < 0:
-        p.append("train.log_every must be >= 1; train.eval_every and train.ckpt_every >= 0 (0 = off)")
-    if tr.keep_last < 1:
-        p.append(f"train.keep_last={tr.keep_last} must be >= 1 (the latest checkpoint is always kept)")
+    ck = tr.checkpoint
+    if tr.log_every < 1 or tr.eval_every < 0 or ck.every < 0:
+        p.append("train.log_every must be >= 1; train.eval_every and train.checkpoint.every >= 0 (0 = off)")
+    if ck.keep_last < 1:
+        p.append(f"train.checkpoint.keep_last={ck.keep_last} must be >= 1 (the latest checkpoint is always kept)")
     if tr.eval_every and not data.val and not data.build_embedded:
         p.append(f"train.eval_every={tr.eval_every} but data.val is not set: give a validation split or set eval_every=0")
-    if tr.progress_bar not in ("auto", "on", "off"):
-        p.append(f"train.progress_bar={tr.progress_bar!r} is not one of auto, on, off")
+    return p
 
-    # --- logging and launcher ---
-    choice("logging.backend", log.backend, LOG_BACKENDS)
-    choice("logging.mode", log.mode, LOG_MODES)
-    choice("launcher.kind", la.kind, LAUNCHERS)
+
+def _launcher_problems(cfg: JobConfig, world: int) -> List[str]:
+    """Launcher, fault injection and the run name."""
+    la, dbg = cfg.launcher, cfg.debug
+    p: List[str] = []
     if la.kind == "local" and la.nproc < 1:
         p.append(f"launcher.nproc={la.nproc} must be >= 1")
+    if dbg.enabled and not 0 <= dbg.crash_rank < max(world, 1):
+        p.append(f"debug.crash_rank={dbg.crash_rank} is not a rank of this job (world size {world})")
+    if dbg.enabled and dbg.crash_point in ("after_manifest", "before_latest") and dbg.crash_rank != 0:
+        p.append(f"debug.crash_point={dbg.crash_point} happens on rank 0 only: set debug.crash_rank=0")
     if not cfg.name or any(c in cfg.name for c in "/\\\n\r\t") or cfg.name.startswith("."):
         p.append(f"name={cfg.name!r} must be a plain run name (no path separators, no leading dot)")
+    return p
 
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None, job_id: Optional[str] = None) -> RunPlan:
+    """Raise :class:`ConfigError` listing every problem; return the job's :class:`RunPlan`."""
+    world = planned_world_size(cfg) if world_size is None else world_size
+    model_par = max(cfg.parallel.tp, 1) * max(cfg.parallel.pp, 1)
+    dp = world // model_par
+    p = [*_choice_problems(cfg, ""), *_model_problems(cfg), *_layout_problems(cfg, world, dp),
+         *_batch_problems(cfg, world, dp), *_loop_problems(cfg), *_launcher_problems(cfg, world)]
     if p:
         raise ConfigError(p)
+    return make_plan(cfg, world, job_id)

@@ -342,14 +342,11 @@ class TrainLoader:
         self._it: Optional[Iterator[Any]] = None
 
     @classmethod
-    def from_config(cls, data: Any, train: Any, dp_rank: int, dp_size: int) -> "TrainLoader":
-        """Build from ``DataConfig``/``TrainConfig`` (duck-typed to keep this layer free of config)."""
-        per = train.micro_batch_size * dp_size
-        if train.global_batch_size % per:
-            raise ValueError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-                             f"micro_batch_size*dp = {train.micro_batch_size}*{dp_size}")
+    def from_config(cls, data: Any, train: Any, dp_rank: int, dp_size: int, grad_accum: int) -> "TrainLoader":
+        """Build from ``DataConfig``/``TrainConfig`` (duck-typed to keep this layer free of config)
+        and the run plan's ``grad_accum``; the constructor checks the batch arithmetic."""
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
-                   train.micro_batch_size, train.global_batch_size // per, data.seed, data.num_workers,
+                   train.micro_batch_size, grad_accum, data.seed, data.num_workers,
                    getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
                    getattr(data, "max_bad_fraction", 0.0))
 

@@ -1,9 +1,11 @@
 """The launch contract: who am I, how many are we, and where is rank 0.
 
 Reads rank, world size, local rank, node rank, master address and port from whichever launcher
-started this process. Precedence: torchrun / our local mock cluster (``RANK``/``WORLD_SIZE``
-set), then Slurm (``SLURM_PROCID`` under ``srun``), then Ray Train (its worker context), then a
-plain single process. Nothing here touches torch.distributed; it only reads the environment.
+started this process. Precedence: ``RANK``/``WORLD_SIZE`` set (torchrun, our local mock cluster,
+and Ray Train workers, whose backend sets them), then Slurm (``SLURM_PROCID`` under ``srun``),
+then a plain single process. Nothing here touches torch.distributed; it only reads the
+environment. The job id (part of the run directory name) is read by :func:`job_id_from_env`,
+the one place that parses it.
 """
 from __future__ import annotations
 
@@ -87,11 +89,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``<array job>_<task>`` for a Slurm array task, else ``SLURM_JOB_ID`` (``SLURM_JOBID`` on
+    old Slurm); None outside Slurm. Not checked here: callers that pass it on check it."""
+    env = os.environ if env is None else env
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or None
+
+
+def job_id_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The job id of this run: Slurm's, else ``DIST_LLM_JOB_ID`` (Ray jobs set it); None when
+    neither is set (a local run)."""
+    env = os.environ if env is None else env
+    return slurm_job_id(env) or env.get("DIST_LLM_JOB_ID") or None
+
+
 def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """Map the launcher's variables onto one :class:`LaunchEnv`."""
     env = os.environ if env is None else env
-    job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-    job_id = job_id or env.get("SLURM_JOB_ID") or env.get("DIST_LLM_JOB_ID") or None
+    job_id = job_id_from_env(env)
 
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE")

@@ -3,7 +3,8 @@
 The trainer calls :func:`requeue_current_job` on rank 0 once the committed checkpoint is on
 disk, then every rank exits with ``EXIT_PREEMPTED``. The job must have been submitted with
 ``--requeue`` (the rendered sbatch script does that); Slurm then starts it again with the same
-job id and ``SLURM_RESTART_COUNT`` + 1, and ``train.resume=auto`` picks up the checkpoint.
+job id and ``SLURM_RESTART_COUNT`` + 1, and ``train.checkpoint.resume=auto`` picks up the
+checkpoint.
 
 ``scontrol`` is run as an argument list (never through a shell) and the job id is checked with
 a full match first, so nothing from the environment can turn into a command.
@@ -15,6 +16,8 @@ import os
 import re
 import subprocess
 from typing import Callable, Mapping, Optional
+
+from dist_llm.launch.env import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,7 @@ def current_job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
 
     Returns None when not running under Slurm. Raises ValueError for a malformed id.
     """
-    env = os.environ if env is None else env
-    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        job_id = f"{array_job}_{array_task}"
-    else:
-        job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    job_id = slurm_job_id(env)
     if not job_id:
         return None
     if not JOB_ID_RE.fullmatch(job_id):

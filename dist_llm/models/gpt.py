@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_llm.config.schema import ModelConfig
+from dist_llm.config.schema import ModelConfig, Preset
 from dist_llm.models.kv_cache import KVCache
 
-PRESETS = ("gpt2", "llama")
+PRESETS = Preset.values()
 IGNORE_INDEX = -100
 
 # (cos, sin), each [T, head_dim]; None for the gpt2 preset, which has learned positions.

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from dist_llm.config.schema import LoggingConfig
+from dist_llm.config.schema import LogBackend, LoggingConfig, LogMode
 from dist_llm.observability.redact import REDACTED, is_secret_key, redact  # noqa: F401 - re-exported
 
 log = logging.getLogger("dist_llm.metrics")
 
-BACKENDS = ("wandb", "console", "none")
-WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = LogBackend.values()
+WANDB_MODES = LogMode.values()
 RUN_ID_FILE = "wandb_run_id.txt"
 
 

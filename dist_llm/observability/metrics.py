@@ -2,7 +2,7 @@
 
 MFU (model FLOPs utilisation) needs a peak to divide by. On GPUs it comes from a small table of
 vendor dense peaks; on CPU there is no meaningful datasheet number, so we measure a float32
-matmul once and use that as the achievable peak. ``train.peak_flops`` overrides both.
+matmul once and use that as the achievable peak. ``train.ui.peak_flops`` overrides both.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-PROGRESS_MODES = ("auto", "on", "off")
+from dist_llm.config.schema import ProgressBar
+
+PROGRESS_MODES = ProgressBar.values()
 
 
 class NullProgress:
@@ -37,7 +39,7 @@ def make_progress(total: int, initial: int, enabled: str) -> Any:
     ``initial`` lets a resumed run start the bar at its resume step instead of 0.
     """
     if enabled not in PROGRESS_MODES:
-        raise ValueError(f"train.progress_bar={enabled!r} is not one of {', '.join(PROGRESS_MODES)}")
+        raise ValueError(f"train.ui.progress_bar={enabled!r} is not one of {', '.join(PROGRESS_MODES)}")
     isatty = getattr(sys.stderr, "isatty", None)
     if enabled == "on" or (enabled == "auto" and callable(isatty) and isatty()):
         from tqdm import tqdm

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
 
 
@@ -30,7 +31,7 @@ def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
     return {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.global_batch_size // (tr.micro_batch_size * dp),
+        "gradient_accumulation_steps": grad_accum_steps(tr.global_batch_size, tr.micro_batch_size, dp),
         "gradient_clipping": opt.grad_clip,
         "zero_optimization": zero,
         "optimizer": {

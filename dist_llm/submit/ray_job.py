@@ -6,12 +6,12 @@ entrypoint of a submitted Ray job). Each Ray Train worker is one rank and runs t
 the torch process group (gloo on CPU, nccl on GPU) and set ``RANK``/``WORLD_SIZE``/``MASTER_*``.
 
 Fault tolerance: ``FailureConfig(max_failures)``. When a worker dies, Ray tears the group down
-and starts it again; every worker then calls ``run_training`` again with ``train.resume=auto``
+and starts it again; every worker then calls ``run_training`` again with ``train.checkpoint.resume=auto``
 and the same job id, so it resumes from the run directory's latest committed checkpoint. The
 run directory (``<output_dir>/<name>-<job id>``) must therefore be on storage all workers see.
 
 :func:`submit_ray_job` submits ``python -m dist_llm.cli.main train <overrides> launcher=ray``
-through Ray's job submission API (address from ``launcher.address`` or ``RAY_ADDRESS``).
+through Ray's job submission API (address from ``launcher.ray.address`` or ``RAY_ADDRESS``).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def _train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
 
 
 def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
-    """Train ``cfg`` with ``cfg.launcher.num_workers`` Ray Train workers; returns the
+    """Train ``cfg`` with ``cfg.launcher.ray.num_workers`` Ray Train workers; returns the
     ``ray.train.Result`` (``result.metrics`` = the run summary of rank 0)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -82,12 +83,11 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
 
     from dist_llm.config.store import config_to_dict
     from dist_llm.observability.redact import save_config_redacted
-    from dist_llm.train.run import run_dir_for
 
-    la = cfg.launcher
+    la = cfg.launcher.ray
     cfg = absolutize_paths(cfg)
     job_id = job_id or os.environ.get(JOB_ID_ENV) or new_job_id()
-    run_dir = run_dir_for(cfg, job_id)
+    run_dir = run_dir_for(cfg.output_dir, cfg.name, job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_config_redacted(cfg, config_path)
@@ -111,7 +111,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
             name=f"{run_dir.name}.ray",  # Ray Train's own bookkeeping, next to the run directory
             storage_path=str(Path(cfg.output_dir).resolve()),
             failure_config=FailureConfig(max_failures=la.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_last, 1)),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.checkpoint.keep_last, 1)),
         ),
     )
     print(f"[dist-llm] Ray Train: {la.num_workers} worker(s), run directory {run_dir}", file=sys.stderr)
@@ -129,9 +129,9 @@ def training_entrypoint(overrides: Sequence[str], python: str = "python") -> str
 
 
 def resolve_address(cfg: JobConfig, address: Optional[str] = None) -> str:
-    addr = address or cfg.launcher.address or os.environ.get("RAY_ADDRESS")
+    addr = address or cfg.launcher.ray.address or os.environ.get("RAY_ADDRESS")
     if not addr:
-        raise ValueError("no Ray cluster address: pass launcher.address=http://<head>:8265 or set RAY_ADDRESS "
+        raise ValueError("no Ray cluster address: pass launcher.ray.address=http://<head>:8265 or set RAY_ADDRESS "
                          "(ray_jobs/start_local_cluster.sh prints it for a local cluster)")
     if "://" not in addr:
         addr = f"http://{addr}"
@@ -184,7 +184,7 @@ def submit_ray_job(cfg: JobConfig, overrides: Sequence[str], address: Optional[s
         client = JobSubmissionClient(addr)
     sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                             entrypoint_num_cpus=0)
-    print(f"submitted Ray job {sid} to {addr}; run directory "
-          f"{Path(cfg.output_dir).resolve() if extra else cfg.output_dir}/{cfg.name}-{job_id}\n"
+    run_dir = run_dir_for(str(Path(cfg.output_dir).resolve()) if extra else cfg.output_dir, cfg.name, job_id)
+    print(f"submitted Ray job {sid} to {addr}; run directory {run_dir}\n"
           f"  follow it: ray job logs --follow --address {addr} {sid}", file=sys.stderr)
     return sid

@@ -1,6 +1,7 @@
 """Render and submit the sbatch script of a training job (``dist-llm submit slurm``).
 
-The rendered script is thin: ``#SBATCH`` lines from ``cfg.launcher``, the user's environment
+The rendered script (the template ``job.sbatch.tmpl`` next to this module) is thin: ``#SBATCH``
+lines from ``cfg.launcher.slurm``, the user's environment
 setup lines, ``MASTER_ADDR``/``MASTER_PORT``, and one ``srun`` of the training entrypoint with
 the Hydra overrides. Every rank is one srun task; the launch contract
 (:func:`dist_llm.launch.env.read_launch_env`) maps Slurm's variables to ranks.
@@ -9,12 +10,12 @@ Preemption / time limit: ``--signal=B:USR1@<signal_seconds>`` reaches the batch 
 trap forwards USR1 to the srun step (bash runs a trap only while it sits in ``wait``, hence
 ``srun ... &`` and a ``wait`` loop). The trainer saves a committed checkpoint, rank 0 runs
 ``scontrol requeue`` (see :mod:`dist_llm.launch.slurm_requeue`), and the requeued job resumes
-from that checkpoint (``train.resume=auto``; the run directory is keyed by the job id, which a
+from that checkpoint (``train.checkpoint.resume=auto``; the run directory is keyed by the job id, which a
 requeue keeps).
 
 Quoting: values that go into ``#SBATCH`` lines must match a conservative pattern or are
 rejected (:class:`SbatchValueError`); overrides and srun arguments are ``shlex.quote``-d;
-control characters (newlines above all) are rejected everywhere. ``launcher.setup`` lines are
+control characters (newlines above all) are rejected everywhere. ``launcher.slurm.setup`` lines are
 the one exception by design: they are shell commands the user writes (``module load ...``,
 ``source .venv/bin/activate``), as trusted as a hand-written sbatch script; they are still
 checked to be single lines.
@@ -24,13 +25,16 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import string
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
+from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
 from dist_llm.observability.redact import redact_text
@@ -92,8 +96,54 @@ def training_overrides(overrides: Sequence[str], launcher: str) -> List[str]:
 
 
 def run_dir_pattern(cfg: JobConfig, job_id: str = "%j") -> str:
-    """The run directory with Slurm's ``%j`` for the job id (absolute, as sbatch needs it)."""
-    return os.path.join(os.path.abspath(cfg.output_dir), f"{cfg.name}-{job_id}")
+    """The run directory with Slurm's ``%j`` for the job id (absolute, as sbatch needs it): the
+    rule of :func:`dist_llm.config.plan.run_dir_for`, with ``%j`` left for sbatch to fill in."""
+    return f"{run_dir_for(os.path.abspath(cfg.output_dir), cfg.name, None)}-{job_id}"
+
+
+def _sbatch_options(cfg: JobConfig, name: str, nodes: int, tpn: int, cpt: int, workdir: str) -> List[str]:
+    """The ``#SBATCH`` options, each value checked against a conservative pattern."""
+    sl = cfg.launcher.slurm
+    gpn = _check_int("launcher.slurm.gpus_per_node", sl.gpus_per_node, 0)
+    sb: List[str] = [
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tpn}",
+        f"--cpus-per-task={cpt}",
+    ]
+    if gpn:
+        sb.append(f"--gpus-per-node={gpn}")
+    if sl.partition:
+        sb.append(f"--partition={_check('launcher.slurm.partition', sl.partition, _PARTITION_RE, 'names of letters, digits, _.+-, comma separated')}")
+    if sl.account:
+        sb.append(f"--account={_check('launcher.slurm.account', sl.account, _TOKEN_RE, 'letters, digits and _.+-')}")
+    if sl.qos:
+        sb.append(f"--qos={_check('launcher.slurm.qos', sl.qos, _TOKEN_RE, 'letters, digits and _.+-')}")
+    if sl.time:
+        sb.append(f"--time={_check('launcher.slurm.time', sl.time, _TIME_RE, 'minutes, MM:SS, HH:MM:SS or D-HH:MM:SS')}")
+    if sl.constraint:
+        sb.append(f"--constraint={_check('launcher.slurm.constraint', sl.constraint, _CONSTRAINT_RE, 'feature names with & | , * [ ] ( ) only')}")
+    if sl.exclusive:
+        sb.append("--exclusive")
+    sb.append("--requeue" if sl.requeue else "--no-requeue")
+    sig = _check_int("launcher.slurm.signal_seconds", sl.signal_seconds, 0)
+    if sig:
+        sb.append(f"--signal=B:USR1@{sig}")
+    run_dir = run_dir_pattern(cfg)
+    sb += [
+        f"--chdir={workdir}",
+        f"--output={run_dir}/slurm-%j.out",
+        f"--error={run_dir}/slurm-%j.err",
+        "--open-mode=append",  # a requeued job appends to its logs
+    ]
+    for line in sl.extra_sbatch:
+        _check_line("launcher.slurm.extra_sbatch", line)
+        line = line.strip()
+        if line.startswith("#SBATCH"):
+            line = line[len("#SBATCH"):].strip()
+        _check("launcher.slurm.extra_sbatch", line, _EXTRA_RE, "one sbatch option per line, like --mail-type=END")
+        sb.append(line)
+    return sb
 
 
 def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "python",
@@ -105,17 +155,15 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
     current directory) is where the job runs, so relative paths in the config resolve alike.
     Raises :class:`SbatchValueError` naming the first value that is not safe to render.
     """
-    la = cfg.launcher
+    la, sl = cfg.launcher, cfg.launcher.slurm
     name = _check("name", cfg.name, _NAME_RE,
                   "letters, digits and _.+- only, starting with a letter or digit, at most 128")
     nodes = _check_int("launcher.nodes", la.nodes, 1)
     tpn = _check_int("launcher.tasks_per_node", la.tasks_per_node, 1)
-    cpt = _check_int("launcher.cpus_per_task", la.cpus_per_task, 1)
-    gpn = _check_int("launcher.gpus_per_node", la.gpus_per_node, 0)
-    sig = _check_int("launcher.signal_seconds", la.signal_seconds, 0)
-    max_rq = la.max_requeues
+    cpt = _check_int("launcher.slurm.cpus_per_task", sl.cpus_per_task, 1)
+    max_rq = sl.max_requeues
     if isinstance(max_rq, bool) or not isinstance(max_rq, int):
-        raise SbatchValueError(f"launcher.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
+        raise SbatchValueError(f"launcher.slurm.max_requeues={max_rq!r} must be an integer (-1 = unlimited)")
     port = _check_int("launcher.master_port", la.master_port, 0)
     if port > 65535:
         raise SbatchValueError(f"launcher.master_port={port} is not a TCP port")
@@ -125,47 +173,10 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
     _check("output_dir", os.path.abspath(cfg.output_dir), _PATH_RE,
            "letters, digits and _.+,=@- path components only (no spaces, %, quotes)")
     _check("python", python, _PATH_RE, "an interpreter name or path")
-    run_dir = run_dir_pattern(cfg)
 
-    sb: List[str] = [
-        f"--job-name={name}",
-        f"--nodes={nodes}",
-        f"--ntasks-per-node={tpn}",
-        f"--cpus-per-task={cpt}",
-    ]
-    if gpn:
-        sb.append(f"--gpus-per-node={gpn}")
-    if la.partition:
-        sb.append(f"--partition={_check('launcher.partition', la.partition, _PARTITION_RE, 'names of letters, digits, _.+-, comma separated')}")
-    if la.account:
-        sb.append(f"--account={_check('launcher.account', la.account, _TOKEN_RE, 'letters, digits and _.+-')}")
-    if la.qos:
-        sb.append(f"--qos={_check('launcher.qos', la.qos, _TOKEN_RE, 'letters, digits and _.+-')}")
-    if la.time:
-        sb.append(f"--time={_check('launcher.time', la.time, _TIME_RE, 'minutes, MM:SS, HH:MM:SS or D-HH:MM:SS')}")
-    if la.constraint:
-        sb.append(f"--constraint={_check('launcher.constraint', la.constraint, _CONSTRAINT_RE, 'feature names with & | , * [ ] ( ) only')}")
-    if la.exclusive:
-        sb.append("--exclusive")
-    sb.append("--requeue" if la.requeue else "--no-requeue")
-    if sig:
-        sb.append(f"--signal=B:USR1@{sig}")
-    sb += [
-        f"--chdir={workdir}",
-        f"--output={run_dir}/slurm-%j.out",
-        f"--error={run_dir}/slurm-%j.err",
-        "--open-mode=append",  # a requeued job appends to its logs
-    ]
-    for line in la.extra_sbatch:
-        _check_line("launcher.extra_sbatch", line)
-        line = line.strip()
-        if line.startswith("#SBATCH"):
-            line = line[len("#SBATCH"):].strip()
-        _check("launcher.extra_sbatch", line, _EXTRA_RE, "one sbatch option per line, like --mail-type=END")
-        sb.append(line)
-
-    setup = [_check_line("launcher.setup", s) for s in la.setup]
-    srun_args = [_check_line("launcher.srun_args", a) for a in getattr(la, "srun_args", []) or []]
+    sb = _sbatch_options(cfg, name, nodes, tpn, cpt, workdir)
+    setup = [_check_line("launcher.slurm.setup", s) for s in sl.setup]
+    srun_args = [_check_line("launcher.slurm.srun_args", a) for a in sl.srun_args]
     train_args = training_overrides(overrides, "slurm")
 
     srun = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={tpn}", f"--cpus-per-task={cpt}",
@@ -179,55 +190,20 @@ def render_sbatch(cfg: JobConfig, overrides: Sequence[str], python: str = "pytho
         # same rule as dist_llm.launch.env.port_from_job_id (base 20000, span 20000)
         port_line = 'export MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))'
 
-    out: List[str] = ["#!/bin/bash", f"# dist-llm training job {name!s}: rendered by `dist-llm submit slurm`",
-                      "# (dist_llm/submit/slurm.py). Every srun task is one rank."]
-    out += [f"#SBATCH {s}" for s in sb]
-    out += [
-        "",
-        "set -euo pipefail",
-        "",
-        "# ---- environment (launcher.setup); site scripts (module, conda) often break under set -u",
-        "set +u",
-        *setup,
-        "set -u",
-        "",
-        "export PYTHONUNBUFFERED=1",
-        f"export DIST_LLM_MAX_REQUEUES={max_rq}",
-        "# rank 0's address: the first host of the allocation; the port derives from the job id",
-        'if command -v scontrol >/dev/null 2>&1; then',
-        '    _hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}")',
-        '    export MASTER_ADDR=${_hosts%%$\'\\n\'*}',
-        'fi',
-        port_line,
-        'echo "[dist-llm] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:' \
-        ' ${SLURM_NNODES:-?} node(s), master ${MASTER_ADDR:-?}:${MASTER_PORT}" >&2',
-        "",
-        "# ---- signals: forward USR1 (time limit / preemption notice) to the ranks; the ranks get",
-        "# SIGTERM from Slurm themselves, the shell only keeps waiting for them.",
-        "SRUN_PID=",
-        "forward_usr1() {",
-        '    echo "[dist-llm] batch shell got SIGUSR1; forwarding to the training step" >&2',
-        '    if [ -n "$SRUN_PID" ]; then kill -s USR1 "$SRUN_PID" 2>/dev/null || true; fi',
-        "}",
-        "trap forward_usr1 USR1",
-        "trap 'echo \"[dist-llm] batch shell got SIGTERM; waiting for the ranks\" >&2' TERM",
-        "",
-        f"{srun_line} &",
-        "SRUN_PID=$!",
-        "rc=0",
-        "while true; do",
-        '    set +e; wait "$SRUN_PID"; rc=$?; set -e',
-        '    kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned for a trap: keep waiting',
-        "done",
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then',
-        '    echo "[dist-llm] training saved a checkpoint and exited with the preemption code $rc" >&2',
-        "else",
-        '    echo "[dist-llm] training step ended with code $rc" >&2',
-        "fi",
-        'exit "$rc"',
-        "",
-    ]
-    return "\n".join(out)
+    return _SbatchTemplate(_template_text()).substitute(
+        name=name, sbatch_lines="".join(f"#SBATCH {s}\n" for s in sb), setup_lines="".join(f"{s}\n" for s in setup),
+        max_requeues=max_rq, port_line=port_line, srun_line=srun_line, exit_preempted=EXIT_PREEMPTED)
+
+
+
+class _SbatchTemplate(string.Template):
+    """``@name`` placeholders: the script is full of the shell's own ``$`` expansions."""
+
+    delimiter = "@"
+
+
+def _template_text() -> str:
+    return resources.files("dist_llm.submit").joinpath("job.sbatch.tmpl").read_text(encoding="utf-8")
 
 
 def _parse_job_id(stdout: str) -> str:

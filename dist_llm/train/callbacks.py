@@ -33,8 +33,7 @@ class MetricsCallback(Callback):
 
     def on_step_end(self, trainer, stats, step_time_s):
         cfg = trainer.cfg.train
-        tokens = cfg.global_batch_size * cfg.seq_len
-        rates = self.throughput.update(step_time_s, tokens, cfg.global_batch_size)
+        rates = self.throughput.update(step_time_s, trainer.plan.tokens_per_step, cfg.global_batch_size)
         step = trainer.state.step
         trainer.progress.update(1)
         trainer.progress.set_postfix(loss=f"{stats.loss:.4f}")

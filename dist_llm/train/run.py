@@ -9,10 +9,10 @@ import dataclasses
 import logging
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from dist_llm.config.plan import RunPlan
 from dist_llm.config.schema import DatasetSource, JobConfig
 from dist_llm.config.store import config_to_dict
 from dist_llm.config.validate import validate
@@ -21,20 +21,20 @@ from dist_llm.launch.env import LaunchEnv, read_launch_env
 log = logging.getLogger("dist_llm.train")
 
 
-def run_dir_for(cfg: JobConfig, job_id: Optional[str]) -> Path:
-    """``<output_dir>/<name>[-<job id>]``: the same on every rank and after a requeue, never a
-    per-rank timestamp."""
-    name = cfg.name if not job_id else f"{cfg.name}-{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}"
-    return Path(cfg.output_dir) / name
+def quiet_known_warnings() -> None:
+    """Silence only the known noisy warnings, by the module they are attributed to: DeepSpeed
+    (and Megatron) call deprecated torch.distributed APIs on every step and the warnings drown the
+    log. Everything else, our own code included, still warns."""
+    import warnings
+
+    for module in ("deepspeed", "megatron", "torch.distributed"):
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def setup_logging(rank: int) -> None:
-    import warnings
-
     level = logging.INFO if rank == 0 else logging.WARNING
-    # DeepSpeed calls deprecated torch.distributed APIs on every step; the warnings drown the log.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_known_warnings()
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
     from dist_llm.observability.redact import install_log_redaction
 
@@ -77,8 +77,8 @@ def _apply_init_from(cfg: JobConfig):
 def _peak_flops(cfg: JobConfig, device) -> float:
     from dist_llm.observability import gpu_peak_flops, measure_cpu_peak_flops
 
-    if cfg.train.peak_flops > 0:
-        return cfg.train.peak_flops
+    if cfg.train.ui.peak_flops > 0:
+        return cfg.train.ui.peak_flops
     if device.type == "cuda":
         import torch
 
@@ -87,12 +87,17 @@ def _peak_flops(cfg: JobConfig, device) -> float:
     return measure_cpu_peak_flops(n=512, repeats=7)
 
 
-def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict[str, Any]:
-    """Train on this rank; returns the run summary (same on every rank for the fields that matter)."""
+def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
+                 plan: Optional[RunPlan] = None) -> Dict[str, Any]:
+    """Train on this rank; returns the run summary (same on every rank for the fields that matter).
+
+    ``plan``: the result of ``validate`` when the caller already validated this config for this
+    rank's world size (the CLI); otherwise it is validated here, once."""
     le = launch_env or read_launch_env()
     setup_logging(le.rank)
     cfg, init_state = _apply_init_from(cfg)
-    validate(cfg, le.world_size)
+    if plan is None or plan.world != le.world_size or plan.job_id != le.job_id:
+        plan = validate(cfg, le.world_size, le.job_id)
 
     import torch
 
@@ -103,6 +108,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
     from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
+    from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.trainer import Trainer
 
     if not torch.cuda.is_available():
@@ -112,13 +118,13 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
     try:
         if cfg.data.build_embedded:
             cfg = _prepare_embedded(cfg, layout)
-        run_dir = run_dir_for(cfg, le.job_id)
+        run_dir = plan.run_dir
         if layout.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         layout.barrier()
 
         tr = cfg.train
-        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp)
+        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp, plan.grad_accum)
         if train_loader.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"the training data uses a vocabulary of {train_loader.vocab_size} tokens but "
                              f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
@@ -142,21 +148,22 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
         callbacks = [
             MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
-            CheckpointCallback(tr.ckpt_every, tr.keep_best),
+            CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
+            *debug_callbacks(cfg.debug),
         ]
-        progress = make_progress(tr.max_steps, 0, tr.progress_bar if layout.is_logging_rank else "off")
+        progress = make_progress(tr.max_steps, 0, tr.ui.progress_bar if layout.is_logging_rank else "off")
         requeue = None
         if le.launcher == "slurm" or "SLURM_JOB_ID" in os.environ:
             from dist_llm.launch.slurm_requeue import requeue_current_job
 
-            requeue = lambda: requeue_current_job(max_requeues=cfg.launcher.max_requeues)  # noqa: E731
+            requeue = lambda: requeue_current_job(max_requeues=cfg.launcher.slurm.max_requeues)  # noqa: E731
         trainer = Trainer(cfg, layout, engine, train_loader, val_loader,
-                          CheckpointManager(run_dir, layout, tr.keep_last), logger, callbacks, progress,
-                          config_dict, requeue=requeue)
+                          CheckpointManager(run_dir, layout, tr.checkpoint.keep_last), logger, callbacks,
+                          progress, config_dict, plan, requeue=requeue)
         exit_code = 1
         try:
             summary = trainer.fit()
-            if tr.sample_tokens > 0:
+            if tr.sample.tokens > 0:
                 summary["sample"] = _sample(cfg, engine, layout)
             logger.log_summary({k: v for k, v in summary.items() if v is not None})
             exit_code = 0
@@ -187,7 +194,7 @@ def _sample(cfg: JobConfig, engine, layout) -> Optional[str]:
     tok = load_tokenizer(meta, src.parent)
     model = build_model(cfg.model)
     model.load_state_dict(weights)
-    prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long)
+    prompt = torch.tensor([tok.encode(cfg.train.sample.prompt)], dtype=torch.long)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    out = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+    out = generate(model, prompt, cfg.train.sample.tokens, temperature=0.8, top_k=40, generator=gen)
     return tok.decode(out[0].tolist())

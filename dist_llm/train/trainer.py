@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from dist_llm.checkpoint.manager import CheckpointManager, kill_self_hook
+from dist_llm.checkpoint.manager import CheckpointManager
+from dist_llm.config.plan import RunPlan
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
 from dist_llm.train.callbacks import Callback, StepTimer
@@ -42,8 +42,8 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: JobConfig, layout, engine, train_loader, val_loader, ckpt: CheckpointManager,
                  logger, callbacks: List[Callback], progress, config_dict: Dict[str, Any],
-                 requeue=None):
-        self.cfg, self.layout, self.engine = cfg, layout, engine
+                 plan: RunPlan, requeue=None):
+        self.cfg, self.layout, self.engine, self.plan = cfg, layout, engine, plan
         self.train_loader, self.val_loader, self.ckpt = train_loader, val_loader, ckpt
         self.logger, self.callbacks, self.progress = logger, callbacks, progress
         self.config_dict = config_dict
@@ -64,20 +64,16 @@ class Trainer:
     def save_checkpoint(self) -> Optional[Path]:
         if self._saved_at == self.state.step:
             return None
-        tr = self.cfg.train
-        hook = None
-        if tr.crash_during_save and tr.crash_at_step == self.state.step and self._arm_fault():
-            hook = kill_self_hook(self.layout, tr.crash_rank)
         path = self.ckpt.save(self.state.step, self.engine, self._trainer_state(),
-                              self.train_loader.state_dict(), self.config_dict, crash_hook=hook)
+                              self.train_loader.state_dict(), self.config_dict)
         self._saved_at = self.state.step
         log.info("checkpoint committed: %s", path)
         return path
 
     def maybe_resume(self) -> None:
         self.ckpt.remove_stale()
-        path = self.ckpt.resolve_verified(self.cfg.train.resume, self.engine,
-                                          fallback=getattr(self.cfg.train, "resume_fallback", False),
+        ck = self.cfg.train.checkpoint
+        path = self.ckpt.resolve_verified(ck.resume, self.engine, fallback=ck.resume_fallback,
                                           config=self.config_dict)
         if path is None:
             return
@@ -99,24 +95,6 @@ class Trainer:
             cb.on_eval(self, loss)
         return loss
 
-    def _arm_fault(self) -> bool:
-        """Fault injection (tests) fires only in a job's first attempt: a marker in the run dir,
-        checked by all ranks before anyone writes it, disarms it so the restarted job (Ray restart,
-        requeue, rerun) trains through."""
-        marker = self.ckpt.run_dir / f".fault-at-{self.state.step}"
-        armed = not marker.exists()
-        self.layout.barrier()
-        if armed and self.layout.rank == self.cfg.train.crash_rank:
-            marker.touch()
-        return armed
-
-    def _maybe_crash(self) -> None:
-        tr = self.cfg.train
-        if tr.crash_at_step == self.state.step and not tr.crash_during_save and self._arm_fault():
-            if self.layout.rank == tr.crash_rank:
-                log.warning("fault injection: rank %d exits at step %d", self.layout.rank, self.state.step)
-                os._exit(13)
-
     def _on_preempt(self) -> None:
         log.warning("preemption signal received: saving a checkpoint at step %d", self.state.step)
         self.save_checkpoint()
@@ -135,7 +113,6 @@ class Trainer:
             if tr.eval_every and self.val_loader is not None and self.state.step == 0:
                 self.evaluate()
             timer = StepTimer()
-            tokens_per_step = tr.global_batch_size * tr.seq_len
             while self.state.step < tr.max_steps:
                 if self.preempt.agreed(self.layout):
                     self._on_preempt()
@@ -145,7 +122,7 @@ class Trainer:
                 stats = self.engine.train_step(batches, self.last_lr)
                 elapsed = timer.stop()
                 self.state.step += 1
-                self.state.tokens_seen += tokens_per_step
+                self.state.tokens_seen += self.plan.tokens_per_step
                 if not math.isfinite(stats.loss):
                     raise NonFiniteLossError(
                         f"loss is {stats.loss} at step {self.state.step}: lower optim.lr, raise "
@@ -153,12 +130,11 @@ class Trainer:
                         f"in {self.ckpt.root} is intact")
                 for cb in self.callbacks:
                     cb.on_step_end(self, stats, elapsed)
-                self._maybe_crash()
                 if tr.eval_every and self.val_loader is not None and self.state.step % tr.eval_every == 0:
                     self.evaluate()
             if self.val_loader is not None and tr.eval_every and self.state.step % tr.eval_every:
                 self.evaluate()
-            if tr.save_at_end:
+            if tr.checkpoint.save_at_end:
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_train_end(self)

@@ -1,6 +1,6 @@
 """Against a real Ray cluster on this machine (ray_jobs/start_local_cluster.sh: 127.0.0.1, 2 CPUs,
 token auth): a Ray job submitted through the job API trains with 2 Ray Train workers; one worker
-process dies mid-run (train.crash_at_step/crash_rank: os._exit), Ray restarts the worker group,
+process dies mid-run (debug.crash_at_step/crash_rank: os._exit), Ray restarts the worker group,
 the run resumes from its last committed checkpoint and ends with the same losses as an
 uninterrupted run of the same config (the local 2-rank launcher, run alongside)."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAX_STEPS = 12
 
 def tiny(out: Path, data_dir: Path, name: str) -> list:
     return ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", f"train.max_steps={MAX_STEPS}",
-            "train.ckpt_every=4", "train.progress_bar=off", "optim.warmup_steps=3", "logging=none",
+            "train.checkpoint.every=4", "train.ui.progress_bar=off", "optim.warmup_steps=3", "logging=none",
             f"data.embedded_dir={data_dir}", f"output_dir={out}", f"name={name}"]
 
 
@@ -44,9 +44,9 @@ def test_ray_job_worker_crash_restarts_group_and_matches_uninterrupted(ray_clust
     ref = subprocess.Popen([sys.executable, "-m", "dist_llm.cli.main", "train", *tiny(out, data_dir, "ref"),
                             "launcher=local", "launcher.nproc=2"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    overrides = tiny(out, data_dir, "crash") + ["train.crash_at_step=6", "train.crash_rank=1",
-                                                "launcher.num_workers=2", "launcher.cpus_per_worker=1",
-                                                "launcher.max_failures=2"]
+    overrides = tiny(out, data_dir, "crash") + ["debug.crash_at_step=6", "debug.crash_rank=1",
+                                                "launcher.ray.num_workers=2", "launcher.ray.cpus_per_worker=1",
+                                                "launcher.ray.max_failures=2"]
     cfg = compose(overrides + ["launcher=ray"])
     sid = submit_ray_job(cfg, overrides, address=ray_cluster["dashboard"], stdout=open(os.devnull, "w"))
     client = JobSubmissionClient(ray_cluster["dashboard"])

@@ -48,7 +48,7 @@ def test_signal_chain_requeues_and_restarts(slurm_cluster, tmp_path, nodes, tpn)
     cfg.name = "stub"
     cfg.output_dir = str(tmp_path / "runs")
     cfg.launcher.nodes, cfg.launcher.tasks_per_node = nodes, tpn
-    cfg.launcher.time = "5"
+    cfg.launcher.slurm.time = "5"
     overrides = [f"output_dir={cfg.output_dir}", "name=stub"]
     job = submit_slurm(cfg, overrides, python=str(stub), stdout=QUIET)
     run_dir = Path(cfg.output_dir) / f"stub-{job}"
@@ -82,7 +82,7 @@ MAX_STEPS = 50
 
 def tiny_overrides(out_dir: Path, name: str, data_dir: Path) -> list:
     return ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", f"train.max_steps={MAX_STEPS}",
-            "train.ckpt_every=25", "train.progress_bar=off", "optim.warmup_steps=5",
+            "train.checkpoint.every=25", "train.ui.progress_bar=off", "optim.warmup_steps=5",
             "logging=none", f"data.embedded_dir={data_dir}", f"output_dir={out_dir}", f"name={name}"]
 
 
@@ -111,7 +111,7 @@ def tiny_jobs(slurm_cluster, corpus, tmp_path_factory):
     t0 = time.time()
     for name, (nodes, tpn) in shapes.items():
         ov = tiny_overrides(out, name, data_dir) + [f"launcher.nodes={nodes}", f"launcher.tasks_per_node={tpn}",
-                                                     "launcher.time=10", "launcher.cpus_per_task=1"]
+                                                     "launcher.slurm.time=10", "launcher.slurm.cpus_per_task=1"]
         if name == "cancel":
             ov.append("train.max_steps=100000")
         cfg = compose(ov + ["launcher=slurm"])
@@ -185,7 +185,7 @@ def test_handwritten_example_script_trains(slurm_cluster, corpus, tmp_path):
     """slurm/train_gpt_1node.sbatch as a user would submit it (from the repository root, extra
     Hydra overrides after the script name) ends COMPLETED with a committed checkpoint."""
     out = tmp_path / "runs"
-    ov = tiny_overrides(out, "example", corpus) + ["train.max_steps=6", "train.ckpt_every=3"]
+    ov = tiny_overrides(out, "example", corpus) + ["train.max_steps=6", "train.checkpoint.every=3"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out",
                         str(REPO / "slurm" / "train_gpt_1node.sbatch"), *ov],
