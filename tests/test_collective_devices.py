@@ -104,9 +104,9 @@ def test_no_collective_outside_the_layout_in_the_source():
 
 
 RUNS = {
-    "zero0": ["parallel=zero0", "train.max_steps=6", "train.eval_every=3", "train.ckpt_every=3"],
-    "tp2sp": ["parallel=tp2_sp", "train.max_steps=4", "train.eval_every=2", "train.ckpt_every=2"],
-    "pp2": ["parallel=pp2", "train.max_steps=4", "train.eval_every=2", "train.ckpt_every=2"],
+    "zero0": ["parallel=zero0", "train.max_steps=6", "train.eval_every=3", "train.checkpoint.every=3"],
+    "tp2sp": ["parallel=tp2_sp", "train.max_steps=4", "train.eval_every=2", "train.checkpoint.every=2"],
+    "pp2": ["parallel=pp2", "train.max_steps=4", "train.eval_every=2", "train.checkpoint.every=2"],
 }
 
 

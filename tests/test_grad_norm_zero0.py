@@ -46,7 +46,7 @@ def _reference_first_norm(run_dir: Path) -> float:
 def test_zero0_logs_the_real_grad_norm(tmp_path, stdlib_cache, monkeypatch):
     shutil.copytree(stdlib_cache, tmp_path / "data" / "stdlib")
     run_cli(["train", *TINY, "name=z0", "parallel=zero0", "launcher.nproc=1", "train.max_steps=4",
-             "train.eval_every=0", "train.ckpt_every=0", "train.save_at_end=false"], cwd=tmp_path,
+             "train.eval_every=0", "train.checkpoint.every=0", "train.checkpoint.save_at_end=false"], cwd=tmp_path,
             env={"PYTHONPATH": str(REPO)})
     norms = metrics(tmp_path / "runs" / "z0", "train/grad_norm")
     assert sorted(norms) == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in norms.values()), norms
