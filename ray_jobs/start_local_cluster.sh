@@ -2,8 +2,8 @@
 # start_local_cluster.sh - a one-machine Ray cluster for tests and single-machine users.
 #
 # Binds the head (GCS) and the dashboard / job API to 127.0.0.1 only (never 0.0.0.0 unless you
-# set RAY_LOCAL_HOST yourself), and turns on Ray's token authentication when the installed Ray
-# has it (`ray get-auth-token`, Ray >= 2.52): the token lives in $RAY_LOCAL_DIR/auth_token (0600).
+# set RAY_LOCAL_HOST yourself), and turns on Ray's token authentication (`ray get-auth-token`,
+# Ray >= 2.52; an older Ray is refused): the token lives in $RAY_LOCAL_DIR/auth_token (0600).
 # Writes $RAY_LOCAL_DIR/cluster.env; `source` it to talk to the cluster:
 #     source ~/.dist-llm/ray-local/cluster.env
 #     dist-llm submit ray experiment=smoke          # or: ray job submit -- python -m ...
@@ -15,7 +15,7 @@
 #   RAY_LOCAL_DIR=~/.dist-llm/ray-local   state: PID file, token, logs, Ray temp dir
 #   RAY_LOCAL_PORT=6379          GCS port        RAY_LOCAL_DASHBOARD_PORT=8265  job API port
 #   RAY_LOCAL_HOST=127.0.0.1     address to bind
-#   RAY_LOCAL_AUTH=auto          auto (token if supported) | token | disabled
+#   RAY_LOCAL_AUTH=token         token (refuses a Ray without it) | disabled (explicitly off)
 #   RAY_LOCAL_TIMEOUT=90         seconds to wait for the job API
 #   RAY=ray                      the ray command (default: ray on PATH)
 set -euo pipefail
@@ -26,7 +26,7 @@ DIR=${RAY_LOCAL_DIR:-$HOME/.dist-llm/ray-local}
 PORT=${RAY_LOCAL_PORT:-6379}
 DASH_PORT=${RAY_LOCAL_DASHBOARD_PORT:-8265}
 HOST=${RAY_LOCAL_HOST:-127.0.0.1}
-AUTH=${RAY_LOCAL_AUTH:-auto}
+AUTH=${RAY_LOCAL_AUTH:-token}
 TIMEOUT=${RAY_LOCAL_TIMEOUT:-90}
 RAY=${RAY:-ray}
 
@@ -52,19 +52,23 @@ fi
 
 # ---------------------------------------------------------------- authentication
 unset RAY_AUTH_TOKEN
-if [ "$AUTH" != disabled ] && "$RAY" get-auth-token --help >/dev/null 2>&1; then
+# Token auth needs Ray >= 2.52 (pyproject pins that floor). An older Ray is refused instead of
+# silently starting an open job API: anyone on this machine could run code as you. Turning auth
+# off is an explicit choice (RAY_LOCAL_AUTH=disabled), never a fallback.
+if [ "$AUTH" = disabled ]; then
+    export RAY_AUTH_MODE=disabled
+    say "WARNING: token authentication off (RAY_LOCAL_AUTH=disabled): any local user can submit jobs" \
+        "to http://$HOST:$DASH_PORT"
+elif "$RAY" get-auth-token --help >/dev/null 2>&1; then
     if [ ! -s "$DIR/auth_token" ]; then
         (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$DIR/auth_token")
     fi
     chmod 600 "$DIR/auth_token"
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
     say "token authentication on (token in $DIR/auth_token)"
-elif [ "$AUTH" = token ]; then
-    die "RAY_LOCAL_AUTH=token but this Ray ($("$RAY" --version 2>&1)) has no token authentication"
 else
-    export RAY_AUTH_MODE=disabled
-    say "token authentication off ($([ "$AUTH" = disabled ] && echo 'RAY_LOCAL_AUTH=disabled' || echo 'not supported by this Ray'));" \
-        "the cluster is reachable from this machine only ($HOST)"
+    die "this Ray ($("$RAY" --version 2>&1)) has no token authentication (needs ray >= 2.52): pip install" \
+        "'ray[default,train]>=2.52', or set RAY_LOCAL_AUTH=disabled to run without it on purpose"
 fi
 
 # ---------------------------------------------------------------- start
