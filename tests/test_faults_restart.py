@@ -103,7 +103,7 @@ def _wait_steps(run: Path, proc: subprocess.Popen, n: int, timeout: float = 180)
 
 def _ranks(proc: subprocess.Popen) -> dict:
     out = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for child in psutil.Process(proc.pid).children():  # the ranks are the launcher's direct children
         rank = child.environ().get("RANK")
         if rank is not None:
             out[int(rank)] = child
