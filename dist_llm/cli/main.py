@@ -15,6 +15,7 @@ commands:
   train    train a model (launcher=local launcher.nproc=N for an N-rank mock cluster)
   submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
+  export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -50,6 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.report import main as report_main
 
         return report_main(rest)
+    if cmd == "export":
+        from dist_llm.cli.export import main as export_main
+
+        return export_main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

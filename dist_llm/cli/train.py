@@ -8,6 +8,7 @@ from typing import List
 
 from dist_llm.config.store import default_config_dir, register_configs, to_job_config
 from dist_llm.config.validate import ConfigError, planned_world_size, validate
+from dist_llm.interop import InteropError
 
 _exit_code = 0
 
@@ -23,8 +24,12 @@ def _train_task(dcfg) -> None:
     if hc.mode == RunMode.MULTIRUN:
         cfg.name = f"{cfg.name}-{hc.job.num}"  # one run directory per sweep point, never a timestamp
     try:
+        if cfg.model.init_from:  # the source's architecture, so validation sees the real sizes
+            from dist_llm.interop.init_from import derive_model_config
+
+            cfg.model = derive_model_config(cfg.model)
         validate(cfg, planned_world_size(cfg))
-    except ConfigError as e:
+    except (ConfigError, InteropError) as e:
         print(f"dist-llm train: {e}", file=sys.stderr)
         _exit_code = 2
         return

@@ -20,6 +20,8 @@ class ModelConfig:
     preset: str = "gpt2"  # gpt2 (LayerNorm, learned positions, GELU) | llama (RMSNorm, RoPE, SwiGLU)
     n_layers: int = 2
     n_heads: int = 4
+    # Key/value heads (grouped-query attention); None = n_heads (plain multi-head). Must divide n_heads.
+    n_kv_heads: Optional[int] = None
     d_model: int = 64
     # MLP width; None = 4*d_model for gpt2, int(8*d_model/3) rounded up to a multiple of 16 for llama
     d_ff: Optional[int] = None
@@ -32,6 +34,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Start from these weights: a Hugging Face save_pretrained dir (config.json + safetensors) or one
+    # of our checkpoints (step-N/, best/, run dir). Architecture fields come from it (see
+    # docs/model-path.md); use model=pretrained so no preset sizes conflict with it.
+    init_from: Optional[str] = None
 
 
 @dataclass

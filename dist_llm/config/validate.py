@@ -107,6 +107,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     elif m.preset == "llama" and m.n_heads >= 1 and (m.d_model // m.n_heads) % 2:
         p.append(f"model.d_model/model.n_heads={m.d_model // m.n_heads} is odd but RoPE needs an even head "
                  f"dimension: change model.d_model or model.n_heads")
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or (m.n_heads >= 1 and m.n_heads % m.n_kv_heads)):
+        p.append(f"model.n_kv_heads={m.n_kv_heads} must be >= 1 and divide model.n_heads={m.n_heads} (each "
+                 f"key/value head serves n_heads/n_kv_heads query heads); or leave it null for n_heads")
     if not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if tr.seq_len > m.max_seq_len:
@@ -132,6 +135,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                  f"world = dp*tp*pp must hold; use a world size that is a multiple of {model_par}")
     if par.tp > 1 and m.n_heads % par.tp:
         p.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={par.tp}: choose tp dividing the head count")
+    if par.tp > 1 and m.n_kv_heads is not None and m.n_kv_heads >= 1 and m.n_kv_heads % par.tp:
+        p.append(f"model.n_kv_heads={m.n_kv_heads} is not divisible by parallel.tp={par.tp}: each tensor-parallel "
+                 f"rank holds whole key/value heads; choose tp dividing model.n_kv_heads")
     if m.n_layers % (max(par.pp, 1) * max(par.vpp, 1)):
         p.append(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={par.pp} x parallel.vpp={par.vpp}: "
                  f"every (virtual) pipeline stage holds the same number of layers")

@@ -11,11 +11,14 @@ from dist_llm.models.gpt import resolve_model_config
 
 def matmul_params_per_layer(cfg: ModelConfig) -> int:
     """Weights of one block that take part in a matmul (biases and norm gains excluded):
-    attention qkv + proj = 4*d^2; MLP 2*d*d_ff (GELU) or 3*d*d_ff (SwiGLU's extra gate)."""
+    attention q + proj = 2*d^2 and k + v = 2*d*n_kv_heads*head_dim (4*d^2 without grouped-query
+    attention); MLP 2*d*d_ff (GELU) or 3*d*d_ff (SwiGLU's extra gate)."""
     resolved = resolve_model_config(cfg)
-    assert resolved.d_ff is not None
+    assert resolved.d_ff is not None and resolved.n_kv_heads is not None
+    d = resolved.d_model
+    kv_width = resolved.n_kv_heads * (d // resolved.n_heads)
     mlp_matrices = 3 if resolved.preset == "llama" else 2
-    return 4 * resolved.d_model**2 + mlp_matrices * resolved.d_model * resolved.d_ff
+    return 2 * d**2 + 2 * d * kv_width + mlp_matrices * d * resolved.d_ff
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -25,7 +28,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     where ``N = n_layers * matmul_params_per_layer`` counts the non-embedding matmul weights
     (2 FLOPs per weight per token forward, 4 backward), the middle term is attention's QK^T and
-    AV matmuls (no discount for the causal mask, as in PaLM), and the last term is the LM-head
+    AV matmuls (no discount for the causal mask, as in PaLM; grouped-query attention does not
+    shrink it: every query head still attends), and the last term is the LM-head
     matmul, which is a matmul whether or not its weight is tied to the token embedding. The
     embedding lookup itself costs no FLOPs.
     """

@@ -9,7 +9,9 @@ later adapter maps its parameter names onto Megatron-core's layout. That is why 
 kept plain and stable (``tok_emb``, ``pos_emb``, ``blocks[i].attn.qkv`` / ``.proj``,
 ``blocks[i].mlp.fc_in`` / ``fc_gate`` / ``fc_out``, ``norm1`` / ``norm2``, ``final_norm``,
 ``lm_head``) and why q, k and v live in one fused ``qkv`` Linear whose output rows are
-``[q; k; v]``, each with its heads contiguous (head ``h`` of q is rows ``h*hd:(h+1)*hd``).
+``[q (n_heads*hd); k (n_kv_heads*hd); v (n_kv_heads*hd)]``, each with its heads contiguous (head
+``h`` of q is rows ``h*hd:(h+1)*hd``). With grouped-query attention (``n_kv_heads < n_heads``)
+query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``, as in Hugging Face Llama.
 """
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(
             f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
         )
+    n_kv_heads = cfg.n_heads if cfg.n_kv_heads is None else cfg.n_kv_heads
+    if n_kv_heads < 1 or cfg.n_heads % n_kv_heads != 0:
+        raise ValueError(
+            f"model.n_kv_heads={cfg.n_kv_heads} must be >= 1 and divide model.n_heads={cfg.n_heads}; "
+            f"or leave it null for plain multi-head attention"
+        )
     is_gpt2 = cfg.preset == "gpt2"
     if not is_gpt2 and (cfg.d_model // cfg.n_heads) % 2 != 0:
         raise ValueError(
@@ -60,6 +68,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         )
     return dataclasses.replace(
         cfg,
+        n_kv_heads=n_kv_heads,
         bias=is_gpt2 if cfg.bias is None else cfg.bias,
         tie_embeddings=is_gpt2 if cfg.tie_embeddings is None else cfg.tie_embeddings,
         d_ff=cfg.d_ff
@@ -105,28 +114,40 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=bool(cfg.bias))
 
 
+def repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """[B, Hkv, T, hd] -> [B, Hkv*repeats, T, hd], each key/value head repeated for its group of
+    query heads (head ``h`` of the result is head ``h // repeats`` of ``x``)."""
+    return x if repeats == 1 else x.repeat_interleave(repeats, dim=1)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention through SDPA (flash / memory-efficient kernels when present)."""
+    """Multi-head (or grouped-query) causal attention through SDPA (flash / memory-efficient
+    kernels when present)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        assert cfg.n_kv_heads is not None, "resolve_model_config() first"
         self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=bool(cfg.bias))
+        self.qkv_sizes = [d * self.head_dim for d in (self.n_heads, self.n_kv_heads, self.n_kv_heads)]
+        self.qkv = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=bool(cfg.bias))
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bool(cfg.bias))
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
         batch, seq, d_model = x.shape
-        # [B, T, 3*D] -> 3 x [B, H, T, hd]; rows are [q; k; v], heads contiguous within each.
+        # [B, T, (H+2*Hkv)*hd] -> [B, H|Hkv, T, hd]; rows are [q; k; v], heads contiguous in each.
         q, k, v = (
-            t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-            for t in self.qkv(x).split(d_model, dim=-1)
+            t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            for t in self.qkv(x).split(self.qkv_sizes, dim=-1)
         )
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )

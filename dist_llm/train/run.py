@@ -72,6 +72,17 @@ def build_engine(cfg: JobConfig, model, layout):
     raise ValueError(f"parallel.engine={cfg.parallel.engine!r} is not available")
 
 
+def _apply_init_from(cfg: JobConfig):
+    """``model.init_from``: the source's architecture (merged into cfg.model) and its weights."""
+    if not cfg.model.init_from:
+        return cfg, None
+    from dist_llm.interop.init_from import check_data_tokenizer, resolve_init_from
+
+    model_cfg, state, tokenizer = resolve_init_from(cfg.model)
+    check_data_tokenizer(tokenizer, cfg.data, cfg.model.init_from)
+    return dataclasses.replace(cfg, model=model_cfg), state
+
+
 def _peak_flops(cfg: JobConfig, device) -> float:
     from dist_llm.observability import gpu_peak_flops, measure_cpu_peak_flops
 
@@ -89,6 +100,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
     """Train on this rank; returns the run summary (same on every rank for the fields that matter)."""
     le = launch_env or read_launch_env()
     setup_logging(le.rank)
+    cfg, init_state = _apply_init_from(cfg)
     validate(cfg, le.world_size)
 
     import torch
@@ -126,6 +138,10 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None) -> Dict
 
         _seed_all(tr.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
+        if init_state is not None:  # before the engine: every engine (ZeRO, Megatron TP/PP) takes it from here
+            from dist_llm.interop.init_from import load_into
+
+            load_into(model, init_state, cfg.model.init_from)
         engine = build_engine(cfg, model, layout)
         _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
 

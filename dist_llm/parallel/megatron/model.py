@@ -11,8 +11,9 @@ The adapter works on three layouts of the same weights:
 Two layouts differ beyond renaming, and both are why the adapter exists:
 
 * attention: our fused ``qkv`` rows are ``[q; k; v]`` (heads contiguous in each); Megatron's
-  ``linear_qkv`` interleaves per head (query group) ``[q_h; k_h; v_h]``, so that a contiguous
-  tensor-parallel split of the rows gives each rank whole heads;
+  ``linear_qkv`` interleaves per query group ``g`` (one key/value head and the ``n_heads /
+  n_kv_heads`` query heads that read it) ``[q_g...; k_g; v_g]``, so that a contiguous
+  tensor-parallel split of the rows gives each rank whole groups (n_kv_heads % tp == 0);
 * SwiGLU: Megatron's ``linear_fc1`` is ``[gate; up]`` and a TP rank holds ``[gate_r; up_r]``
   (not a contiguous row block of the full tensor).
 
@@ -50,6 +51,7 @@ def transformer_config(mcfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int = 1
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads, ffn_hidden_size=m.d_ff,
+        num_query_groups=m.n_kv_heads,
         hidden_dropout=m.dropout, attention_dropout=m.dropout, layernorm_epsilon=m.norm_eps,
         normalization="RMSNorm" if llama else "LayerNorm",
         add_bias_linear=bool(m.bias), add_qkv_bias=bool(m.bias),
@@ -153,15 +155,20 @@ _TOP = {"tok_emb.weight": "embedding.word_embeddings.weight",
 _TOP_INV = {v: k for k, v in _TOP.items()}
 
 
-def _qkv_to_megatron(t: torch.Tensor, heads: int) -> torch.Tensor:
-    # rows [q; k; v] x heads x head_dim -> heads x [q_h; k_h; v_h] x head_dim
+def _qkv_to_megatron(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    # rows [q (heads*hd); k (groups*hd); v (groups*hd)] -> groups x [q_g (heads/groups*hd); k_g; v_g]
     rest = t.shape[1:]
-    return t.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(t.shape).contiguous()
+    hd = t.shape[0] // (heads + 2 * groups)
+    q, k, v = t.split([heads * hd, groups * hd, groups * hd])
+    per_group = [q.reshape(groups, -1, *rest), k.reshape(groups, hd, *rest), v.reshape(groups, hd, *rest)]
+    return torch.cat(per_group, dim=1).reshape(t.shape).contiguous()
 
 
-def _qkv_to_plain(t: torch.Tensor, heads: int) -> torch.Tensor:
+def _qkv_to_plain(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
     rest = t.shape[1:]
-    return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape).contiguous()
+    hd = t.shape[0] // (heads + 2 * groups)
+    q, k, v = t.reshape(groups, -1, *rest).split([heads // groups * hd, hd, hd], dim=1)
+    return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]).contiguous()
 
 
 def plain_to_megatron(sd: Tensors, mcfg: ModelConfig) -> Tensors:
@@ -182,7 +189,7 @@ def plain_to_megatron(sd: Tensors, mcfg: ModelConfig) -> Tensors:
         if mod == "mlp.fc_gate":
             continue  # folded into linear_fc1 together with fc_in below
         if mod == "attn.qkv":
-            t = _qkv_to_megatron(t, m.n_heads)
+            t = _qkv_to_megatron(t, m.n_heads, m.n_kv_heads)
         elif mod == "mlp.fc_in" and m.preset == "llama":
             t = torch.cat([sd[f"blocks.{i}.mlp.fc_gate.{kind}"], t], dim=0)  # [gate; up]
         out[pre + _BLOCK[mod] + "." + kind] = t
@@ -206,7 +213,7 @@ def megatron_to_plain(sd: Tensors, mcfg: ModelConfig) -> Tensors:
         i, mod, kind = mt.groups()
         plain = inv[mod]
         if plain == "attn.qkv":
-            t = _qkv_to_plain(t, m.n_heads)
+            t = _qkv_to_plain(t, m.n_heads, m.n_kv_heads)
         elif plain == "mlp.fc_in" and m.preset == "llama":
             gate, up = t.chunk(2, dim=0)
             out[f"blocks.{i}.mlp.fc_gate.{kind}"] = gate.contiguous()

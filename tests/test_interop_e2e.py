@@ -1,0 +1,72 @@
+"""Fine-tune from a Hugging Face directory through the real CLI: ``model.init_from`` on the local
+mock cluster, 2 ranks ZeRO-2 and tp=2 (Megatron), then export the result back to transformers.
+
+The HF model's LM head is scaled up so its loss on the data (~3x ln V) is far from what random
+weights give (~ln V): the first logged loss then shows the imported weights were really used.
+Tolerance for the first step: the HF loss is a mean over all samples, the run's over its first
+global batch (a quarter of them), so 10% relative; ZeRO-2 vs tp=2 on the same batch differ only by
+summation order (1e-4 relative).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from helpers import metrics, run_cli
+
+transformers = pytest.importorskip("transformers")
+
+from interop_fixtures import VOCAB, hf_llama, train_hf_tokenizer, write_shards  # noqa: E402
+
+from dist_llm.data.shards import read_manifest, read_shard  # noqa: E402
+from dist_llm.interop.tokenizer import tokenizer_from_hf_dir  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SEQ = 16
+
+
+def _hf_mean_loss(hf, split_dir) -> float:
+    manifest = read_manifest(split_dir)
+    rows = [torch.from_numpy(read_shard(split_dir / s["file"], SEQ + 1, manifest["dtype"]).astype("int64"))
+            for s in manifest["shards"]]
+    batch = torch.cat(rows)
+    with torch.no_grad():
+        logits = hf(batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).item()
+
+
+def test_finetune_from_hf_llama_gqa_zero2_and_tp2_then_export(tmp_path):
+    hf = hf_llama(kv_heads=2, tie=False)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(40.0)
+    hf_dir = tmp_path / "hf_llama"
+    hf.save_pretrained(hf_dir)
+    train_hf_tokenizer(hf_dir)
+    tok = tokenizer_from_hf_dir(hf_dir)
+    data = tmp_path / "data"
+    write_shards(data / "train", tok, SEQ, n_samples=32)
+    shutil.copy(hf_dir / "tokenizer.json", data / "tokenizer.json")
+    hf_loss = _hf_mean_loss(hf, data / "train")
+    assert hf_loss > 2 * math.log(VOCAB)
+
+    common = ["model=pretrained", f"model.init_from={hf_dir}", "data=shards", f"data.train.0.path={data / 'train'}",
+              "data.num_workers=0", "data.lanes=2", "train.max_steps=20", f"train.seq_len={SEQ}", "logging=none",
+              "train.progress_bar=off", "launcher.nproc=2", "optim.lr=1e-3", "optim.warmup_steps=2"]
+    runs = {}
+    for name, layout in {"zero2": "parallel=zero2", "tp2": "parallel=tp2"}.items():
+        run_cli(["train", *common, layout, f"name={name}"], cwd=tmp_path, timeout=400)
+        runs[name] = metrics(tmp_path / "runs" / name)
+        assert sorted(runs[name]) == list(range(1, 21)), name
+        assert abs(runs[name][1] - hf_loss) < 0.1 * hf_loss, (name, runs[name][1], hf_loss)
+        assert runs[name][20] < 0.7 * runs[name][1], name  # it fine-tunes
+    assert abs(runs["zero2"][1] - runs["tp2"][1]) < 1e-4 * runs["zero2"][1]
+
+    out = tmp_path / "export"
+    run_cli(["export", str(tmp_path / "runs" / "tp2"), "--format", "hf", "--out", str(out)], cwd=tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert back.config.num_key_value_heads == 2 and back.config.tie_word_embeddings is False
+    assert _hf_mean_loss(back, data / "train") < 0.7 * hf_loss  # the fine-tuned weights came back
+    auto = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert auto("def main():\n")["input_ids"] == tok.encode("def main():\n")
