@@ -16,6 +16,8 @@ commands:
   submit   submit a training job: dist-llm submit slurm|ray [--dry-run] <overrides>
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
   export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
+  prune    prune a checkpoint: dist-llm prune <ckpt | run dir> --out DIR --method unstructured|structured
+  quantize int8 a checkpoint: dist-llm quantize <ckpt | run dir> --out DIR --mode weight_only|dynamic
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -55,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.export import main as export_main
 
         return export_main(rest)
+    if cmd in ("prune", "quantize"):
+        from importlib import import_module
+
+        return import_module(f"dist_llm.cli.{cmd}").main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
