@@ -139,3 +139,31 @@ def test_bad_input_is_named(compress_runs, tmp_path):
                               method=PruneMethod.STRUCTURED, head_fraction=0.1, eval=EVAL))
     with pytest.raises(CompressError, match="neither config.json"):
         run_prune(PruneConfig(source=str(tmp_path), out=str(tmp_path / "x"), eval=EVAL))
+
+
+def test_head_pruned_llama_exports_to_transformers_with_same_logits(compress_runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from dist_llm.interop.export import export_hf
+
+    out = tmp_path / "small"
+    run_prune(PruneConfig(source=str(compress_runs["llama"]), out=str(out), method=PruneMethod.STRUCTURED,
+                          head_fraction=0.5, mlp_fraction=0.25, eval=EvalLMConfig(batch_size=16, max_batches=2)))
+    ours = load_checkpoint_model(str(out)).model
+    export_hf(str(out), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads, hf.config.head_dim) == (2, 1, 16)
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+def test_head_pruned_gpt2_export_is_refused_with_reason(compress_runs, tmp_path):
+    pytest.importorskip("transformers")
+    from dist_llm.interop import InteropError
+    from dist_llm.interop.export import export_hf
+
+    out = tmp_path / "small"
+    run_prune(PruneConfig(source=str(compress_runs["gpt2"]), out=str(out), method=PruneMethod.STRUCTURED,
+                          head_fraction=0.25, eval=EvalLMConfig(batch_size=16, max_batches=2)))
+    with pytest.raises(InteropError, match="head-pruned model cannot be exported as GPT-2"):
+        export_hf(str(out), str(tmp_path / "hf"))
