@@ -93,7 +93,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # steadier timings on a shared machine
 
+    from dist_llm.compress.finetune import finetune
     from dist_llm.compress.prune import COLUMNS, run_prune
+    from dist_llm.compress.report import model_figures
+    from dist_llm.evaluation import evaluate_lm
     from dist_llm.compress.quantize import load_quantized
     from dist_llm.compress.quantize_cmd import COLUMNS as QCOLUMNS
     from dist_llm.compress.quantize_cmd import run_quantize
@@ -125,6 +128,13 @@ def main() -> None:
             report.pop("table")
             results[name] = report
             rows += [{**s, "stage": f"{name}: {s['stage']}"} for s in report["stages"][(0 if not rows else 1):]]
+        # Control: the unpruned model fine-tuned the same way, so "after fine-tune" rows compare with
+        # what the extra steps alone give (the small model here is not trained to convergence).
+        control = load_checkpoint_model(ckpt).model
+        finetune(control, str(corpus / "train"), args.seq_len, ft.steps, ft.lr, ft.batch_size, seed=ft.seed)
+        ppl = evaluate_lm(control, str(corpus / "val"), args.seq_len, ev.batch_size, ev.max_batches)
+        results["control original+finetune"] = ppl
+        rows.append({"stage": f"control: original+finetune({ft.steps})", **model_figures(control, ppl)})
         print(format_table(rows, COLUMNS), flush=True)
 
         qrows = []
