@@ -39,7 +39,13 @@ FORMAT = "dist-llm-int8/1"
 
 
 def _torchao_config(mode: QuantMode):
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    import torchao
+
+    try:  # Int8Tensor (qdata + per-row scale) is the layout this module saves and loads
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, Int8WeightOnlyConfig  # noqa: F401
+    except ImportError as e:
+        raise CompressError(f"torchao {torchao.__version__} lacks Int8Tensor ({e}); dist-llm quantize is tested "
+                            f"with torchao 0.18: pip install 'torchao>=0.18,<0.20'") from e
 
     return Int8WeightOnlyConfig() if mode == QuantMode.WEIGHT_ONLY else Int8DynamicActivationInt8WeightConfig()
 
