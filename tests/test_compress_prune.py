@@ -167,3 +167,17 @@ def test_head_pruned_gpt2_export_is_refused_with_reason(compress_runs, tmp_path)
                           head_fraction=0.25, eval=EvalLMConfig(batch_size=16, max_batches=2)))
     with pytest.raises(InteropError, match="head-pruned model cannot be exported as GPT-2"):
         export_hf(str(out), str(tmp_path / "hf"))
+
+
+def test_hugging_face_source_with_data_flags(tmp_path, stdlib_cache):
+    pytest.importorskip("transformers")
+    from interop_fixtures import hf_llama
+
+    hf_llama(vocab=258).save_pretrained(tmp_path / "hf")
+    ev = EvalLMConfig(val_dir=str(stdlib_cache / "val"), batch_size=8, max_batches=2)
+    with pytest.raises(CompressError, match="pass --val-data"):
+        run_prune(PruneConfig(source=str(tmp_path / "hf"), out=str(tmp_path / "p"), eval=EvalLMConfig()))
+    report = run_prune(PruneConfig(source=str(tmp_path / "hf"), out=str(tmp_path / "p"), method=PruneMethod.STRUCTURED,
+                                   head_fraction=0.5, eval=ev))
+    assert report["seq_len"] == 32  # the shards' own, no run config to say otherwise
+    assert load_checkpoint_model(str(tmp_path / "p")).cfg.n_kv_heads == 1

@@ -23,7 +23,7 @@ def run_prune(cfg: PruneConfig) -> Dict[str, Any]:
     src = load_checkpoint_model(cfg.source)
     ev = cfg.eval
     val_dir = data_dir(src.run_config, "val", ev.val_dir, "--val-data")
-    seq = seq_len_of(src.run_config, ev.seq_len, src.cfg)
+    seq = seq_len_of(src.run_config, ev.seq_len, src.cfg, val_dir)
     needs_train = cfg.finetune.steps > 0 or (cfg.method == PruneMethod.STRUCTURED and cfg.importance == Importance.TAYLOR)
     train_dir = data_dir(src.run_config, "train", cfg.finetune.train_dir, "--train-data") if needs_train else None
 

@@ -19,7 +19,7 @@ def run_quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     src = load_checkpoint_model(cfg.source)
     ev = cfg.eval
     val_dir = data_dir(src.run_config, "val", ev.val_dir, "--val-data")
-    seq = seq_len_of(src.run_config, ev.seq_len, src.cfg)
+    seq = seq_len_of(src.run_config, ev.seq_len, src.cfg, val_dir)
     model = src.model.to(ev.device)
     fp32 = evaluate_lm(model, val_dir, seq, ev.batch_size, ev.max_batches, ev.device)
     before_bytes = linear_weight_bytes(model)

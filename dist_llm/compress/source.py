@@ -36,22 +36,22 @@ class Loaded:
 
 
 def load_checkpoint_model(source: str) -> Loaded:
-    """Our checkpoint (step-N/, best/ or a run dir: its latest) as a float32 GPT in eval mode."""
+    """Our checkpoint (step-N/, best/ or a run dir: its latest) or a Hugging Face directory (gpt2/llama)
+    as a float32 GPT in eval mode."""
     try:
         src = locate(source, what="source")
     except InteropError as e:
         raise CompressError(str(e)) from e
-    if src.kind != "ours":
-        raise CompressError(f"source {source} is a Hugging Face directory; import it first "
-                            f"(dist-llm train model.init_from={source} train.max_steps=0) or pass one of our checkpoints")
-    cfg = resolve_model_config(src.model_cfg)
+    cfg = resolve_model_config(src.model_cfg)  # a Hugging Face dir works too (no run config: pass the data flags)
     model = GPT(cfg)
     try:
         load_into(model, load_source_weights(src, cfg), str(src.path))
     except InteropError as e:
         raise CompressError(str(e)) from e
     model.eval()
-    return Loaded(model, cfg, src.run_config or {}, src.path, (src.path / "model.safetensors").stat().st_size)
+    weights = src.path / "model.safetensors"
+    size = weights.stat().st_size if weights.is_file() else sum(p.stat().st_size for p in src.path.glob("*.safetensors"))
+    return Loaded(model, cfg, src.run_config or {}, src.path, size)
 
 
 def _data_dir(run_config: Dict[str, Any], split: str) -> Optional[str]:
@@ -76,8 +76,11 @@ def data_dir(run_config: Dict[str, Any], split: str, override: Optional[str], fl
     return path
 
 
-def seq_len_of(run_config: Dict[str, Any], override: Optional[int], cfg: ModelConfig) -> int:
-    seq = override or (run_config.get("train") or {}).get("seq_len") or cfg.max_seq_len
+def seq_len_of(run_config: Dict[str, Any], override: Optional[int], cfg: ModelConfig, val_dir: str) -> int:
+    """--seq-len, else the source run's train.seq_len, else the validation shards' own."""
+    from dist_llm.data import read_manifest
+
+    seq = override or (run_config.get("train") or {}).get("seq_len") or int(read_manifest(val_dir)["seq_len"])
     if seq > cfg.max_seq_len:
         raise CompressError(f"--seq-len {seq} exceeds the model's max_seq_len={cfg.max_seq_len}")
     return int(seq)
