@@ -17,6 +17,8 @@ commands:
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
   export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
   serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
+  prune    prune a checkpoint: dist-llm prune <ckpt | run dir> --out DIR --method unstructured|structured
+  quantize int8 a checkpoint: dist-llm quantize <ckpt | run dir> --out DIR --mode weight_only|dynamic
   doctor   check a job before spending an allocation: dist-llm doctor <train overrides>
 
 examples:
@@ -61,6 +63,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.serve import main as serve_main
 
         return serve_main(rest)
+    if cmd in ("prune", "quantize"):
+        from importlib import import_module
+
+        return import_module(f"dist_llm.cli.{cmd}").main(rest)
     if cmd in ("doctor", "doctor-rank"):  # doctor-rank: internal, one rank of the doctor job
         from dist_llm.cli import doctor
 
