@@ -31,7 +31,8 @@ def _reference_first_norm(run_dir: Path) -> float:
     cfg = job_config_from_yaml(str(run_dir / "config.yaml"))
     data = dataclasses.replace(cfg.data, train=[DatasetSource(path=str(Path(cfg.data.embedded_dir) / "train"),
                                                               weight=1.0)])
-    loader = TrainLoader.from_config(data, cfg.train, 0, 1)
+    tr = cfg.train
+    loader = TrainLoader.from_config(data, tr, 0, 1, tr.global_batch_size // tr.micro_batch_size)
     try:
         micro = loader.next_step()
     finally:
