@@ -30,11 +30,12 @@ from dist_llm.train.callbacks import Callback, CheckpointCallback, EvalLogCallba
 from dist_llm.train.debug import FaultInjectionCallback, debug_callbacks
 from dist_llm.train.schedule import lr_at
 from dist_llm.train.trainer import NonFiniteLossError, Preempted, Trainer
+from dist_llm.parallel.engine import Engine
 
 SEQ, VOCAB = 8, 32
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """The Engine interface over a tiny bigram model and torch's AdamW (one process, no DeepSpeed)."""
 
     def __init__(self, seed: int = 0, nan_at_step: int = -1):
