@@ -39,7 +39,7 @@ from dist_llm.prepare.readers import InputFile, discover, image_classes, plan_un
 DATASET_FORMAT = "dist-llm-dataset/1"
 _WORK_FORMAT = "parts/2"  # the layout of .work/parts (text, then tokens after dedup); older work is discarded
 # Fields that do not change the output: not part of its fingerprint.
-_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work")
+_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work", "memory_budget_mb")
 
 
 def config_dict(cfg: PrepareConfig) -> Dict[str, Any]:

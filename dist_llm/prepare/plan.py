@@ -75,7 +75,9 @@ class Decider:
     def __init__(self, cfg: Any, work: Path) -> None:
         self.cfg, self.work = cfg, work
         self.st = Stats()
-        self.dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image")
+        budget = int(cfg.memory_budget_mb * 2**20)
+        self.dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image",
+                          work / "dedup" if budget else None, budget * 3 // 4)  # 1/4 left for the plan
 
     def add(self, name: str) -> Decision:
         cfg, st = self.cfg, self.st
