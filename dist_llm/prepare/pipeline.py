@@ -13,7 +13,9 @@ C. *write* (parallel): each shard is built from the plan alone and written atomi
 Output is a function of (config, inputs) only: not of the engine, the number of workers or
 where a previous run was interrupted. Memory stays flat: the reader keeps at most
 ``2 x workers`` chunks in flight and part files are memory-mapped; only the dedup index
-(~16 bytes per key) and the plan (~40 bytes per kept document) grow with the corpus.
+(~16 bytes per key) and the plan (~40 bytes per kept document) grow with the corpus, and past
+``memory_budget_mb`` both spill to files under ``.work`` (sorted key runs, memory-mapped plan
+columns) without changing the output.
 """
 from __future__ import annotations
 
