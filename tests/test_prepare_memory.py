@@ -113,3 +113,22 @@ def test_negative_budget_is_rejected_naming_the_field(tmp_path: Path) -> None:
     cfg = compose_prepare(_overrides(tmp_path, tmp_path / "o", memory_budget_mb=-1))
     with pytest.raises(PrepareConfigError, match=r"memory_budget_mb=-1.*>= 0"):
         validate_prepare(cfg)
+
+
+@pytest.mark.parametrize("kind", ["bert", "image"])
+def test_spilled_plan_identical_for_bert_and_images(kind: str, corpus: Path, tmp_path: Path) -> None:
+    """The on-disk plan has per-kind columns (sentences; 2-D image shapes, labels): same shards."""
+    if kind == "bert":
+        base = _overrides(corpus / "in", tmp_path / "x", **{"pack": "bert", "tokenizer": "char",
+                                                            "pack.samples_per_shard": 200})
+    else:
+        base = ["input=digits", "pack=image", "dedup=none", "split.val_fraction=0.1", "pack.samples_per_shard=500",
+                "workers=1", "progress=off"]
+    runs = {}
+    for name, mb in (("mem", 0), ("spill", TINY)):
+        out = tmp_path / name
+        runs[name] = run_prepare(compose_prepare([*base, f"output_dir={out}", f"memory_budget_mb={mb}",
+                                                  "keep_work=true"]))
+    assert list((tmp_path / "spill" / ".work" / "plan").glob("*.bin")) and not (tmp_path / "mem" / ".work" / "plan").exists()
+    assert _digests(tmp_path / "spill") == _digests(tmp_path / "mem")
+    assert runs["spill"]["stats"] == runs["mem"]["stats"] and runs["mem"]["splits"]["train"]["shards"] >= 2
