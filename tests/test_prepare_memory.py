@@ -1,6 +1,7 @@
 """``memory_budget_mb``: the dedup index and the plan spill to disk, and nothing else changes.
 
-In-process (``workers=1``: phases run inline, no pool), so no lock is needed. A budget of
+In-process (``workers=1``: phases run inline, no pool) but for ``test_tiny_budget_with_worker_pool``
+(two worker processes: run it under the heavy-run lock). A budget of
 0.01 MB (10 kB) forces dozens of dedup runs and the on-disk plan on a 600-document corpus.
 """
 from __future__ import annotations
@@ -132,3 +133,11 @@ def test_spilled_plan_identical_for_bert_and_images(kind: str, corpus: Path, tmp
     assert list((tmp_path / "spill" / ".work" / "plan").glob("*.bin")) and not (tmp_path / "mem" / ".work" / "plan").exists()
     assert _digests(tmp_path / "spill") == _digests(tmp_path / "mem")
     assert runs["spill"]["stats"] == runs["mem"]["stats"] and runs["mem"]["splits"]["train"]["shards"] >= 2
+
+
+def test_tiny_budget_with_worker_pool(corpus: Path, tmp_path: Path) -> None:
+    """``workers=2`` (a process pool; run it under the heavy-run lock): forked writers read the
+    memory-mapped plan; same shards as the in-memory inline run."""
+    run_prepare(compose_prepare(_overrides(corpus / "in", tmp_path / "mem", memory_budget_mb=0)))
+    run_prepare(compose_prepare(_overrides(corpus / "in", tmp_path / "pool", memory_budget_mb=TINY, workers=2)))
+    assert _digests(tmp_path / "pool") == _digests(tmp_path / "mem")
