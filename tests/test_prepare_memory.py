@@ -2,7 +2,7 @@
 
 In-process (``workers=1``: phases run inline, no pool) but for ``test_tiny_budget_with_worker_pool``
 (two worker processes: run it under the heavy-run lock). A budget of
-0.01 MB (10 kB) forces dozens of dedup runs and the on-disk plan on a 600-document corpus.
+0.01 MB (10 kB) forces a dedup run per part and the on-disk plan on a 600-document corpus.
 """
 from __future__ import annotations
 
