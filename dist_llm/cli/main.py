@@ -17,6 +17,7 @@ commands:
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
   export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
   serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
+  plan     memory per rank and step time of every layout: dist-llm plan <overrides> [--gpus 8 --gpu-mem 80GB --nodes M]
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -60,6 +61,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.serve import main as serve_main
 
         return serve_main(rest)
+    if cmd == "plan":
+        from dist_llm.cli.plan import main as plan_main
+
+        return plan_main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

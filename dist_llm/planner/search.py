@@ -80,7 +80,8 @@ def plan(model_cfg, seq_len: int, global_batch: int, hw: Hardware,
         mem = estimate_layout(model_cfg, seq_len, global_batch, layout, mm)
         t = step_time(model_cfg, seq_len, global_batch, layout, hw, mm.precision)
         out.append(Candidate(layout, mem, t, mem.device_total <= hw.gpu_mem_bytes))
-    out.sort(key=lambda c: (not c.fits, c.time["total"] if c.fits else c.memory.device_total))
+    # fitting first, fastest first (ties: less memory, i.e. more headroom); then the rest by memory
+    out.sort(key=lambda c: (not c.fits, round(c.time["total"], 6) if c.fits else 0.0, c.memory.device_total))
     return out
 
 

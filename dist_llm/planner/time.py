@@ -20,6 +20,9 @@ class Hardware:
     inter_bw: float = 25e9  # bytes/s per GPU across nodes (e.g. 200 Gb/s InfiniBand)
     host_bw: float = 20e9  # bytes/s GPU <-> host (PCIe) for offload
     host_adam_params_per_s: float = 1e9  # CPU Adam throughput per rank for offloaded optimizer
+    # Fixed cost of one micro-batch through one pipeline stage (kernel launches, small-matmul
+    # inefficiency): what makes bigger micro-batches faster at equal FLOPs.
+    micro_batch_overhead_s: float = 0.005
 
     @property
     def world(self) -> int:
@@ -80,6 +83,7 @@ def step_time(model_cfg, seq_len: int, global_batch: int, layout: Layout, hw: Ha
         offload += 2 * shard * b / hw.host_bw + shard / hw.host_adam_params_per_s
     if layout.offload_params:
         offload += 2 * n_rank * b / hw.host_bw
-    total = compute + bubble + dp_comm + tp_comm + pp_comm + offload
+    overhead = hw.micro_batch_overhead_s * n_micro * layout.vpp
+    total = overhead + compute + bubble + dp_comm + tp_comm + pp_comm + offload
     return {"total": total, "compute": compute, "bubble": bubble, "dp_comm": dp_comm, "tp_comm": tp_comm,
-            "pp_comm": pp_comm, "offload": offload, "flops": flops}
+            "pp_comm": pp_comm, "offload": offload, "micro_batch_overhead": overhead, "flops": flops}
