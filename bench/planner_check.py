@@ -102,6 +102,73 @@ def predict(size: str, config: str) -> dict:
     return estimate_peak_memory(cfg, 2, device="cpu").as_dict()
 
 
+LLAMA = {  # Llama-2 shapes (vocab 32000, untied, RMSNorm, SwiGLU); 70B with 8 kv heads
+    "7B": dict(preset="llama", n_layers=32, n_heads=32, d_model=4096, d_ff=11008, vocab_size=32000, max_seq_len=4096),
+    "70B": dict(preset="llama", n_layers=80, n_heads=64, n_kv_heads=8, d_model=8192, d_ff=28672, vocab_size=32000,
+                max_seq_len=4096),
+}
+# (model, gpus, global batch, layouts): the planner's choice plus the usual hand-picked layouts
+PAPER_CASES = [
+    ("7B", 8, 256, [dict(dp=8, zero_stage=1, micro_batch_size=1), dict(dp=8, zero_stage=3, micro_batch_size=2),
+                    dict(dp=4, tp=2, sp=True, zero_stage=1, micro_batch_size=1),
+                    dict(dp=1, tp=8, sp=True, zero_stage=0, micro_batch_size=1)]),
+    ("70B", 64, 512, [dict(dp=8, tp=8, sp=True, zero_stage=1, micro_batch_size=1, activation_checkpointing=True),
+                      dict(dp=2, tp=8, pp=4, sp=True, zero_stage=1, micro_batch_size=1),
+                      dict(dp=64, zero_stage=3, micro_batch_size=1, activation_checkpointing=True),
+                      dict(dp=1, tp=8, pp=8, sp=True, zero_stage=0, micro_batch_size=1)]),
+]
+
+
+def megatron_formula(mc, seq: int, lay, n_micro: int) -> float:
+    """Megatron-LM's theoretical_memory_usage.py (bf16, distributed optimizer = our ZeRO-1,
+    sequence parallel, selective recompute), written out for these layouts."""
+    h, f, L, V, a, g = mc.d_model, mc.d_ff, mc.n_layers, mc.vocab_size, mc.n_heads, mc.n_kv_heads
+    layers = 2 * L * h * h * ((1 + g / a) + f / h * 1.5 + 2 / h + 1 / (L * h))
+    emb = h * V
+    shard = (layers / lay.pp + emb) / lay.tp + (emb / lay.tp if lay.pp == 1 else 0)
+    per_param = 6 + 12 / lay.dp if lay.zero_stage >= 1 else 18
+    act = seq * lay.micro_batch_size * h * (18 + 4 * f / h) * L
+    act += 8 * seq * lay.micro_batch_size * lay.pp + seq * lay.micro_batch_size * h * lay.pp
+    if lay.pp > 1:
+        act *= min(1, n_micro / lay.pp)
+    else:
+        act += seq * lay.micro_batch_size * h * 4 * (1 + V / h)
+    return shard * per_param + act / lay.tp
+
+
+def paper_table(seq: int = 4096) -> str:
+    from dist_llm.config.schema import ModelConfig
+    from dist_llm.planner import Hardware, Layout, MemoryModel, count_params, estimate_layout, plan, step_time
+    from dist_llm.planner.params import resolved
+
+    mm = MemoryModel(precision="bf16", allocator_overhead=0.10)
+    gib = lambda x: f"{x / 2**30:.1f}"  # noqa: E731
+    rows = ["| model | layout (8 x 80 GB per node) | weights | grads | optim | activ. | logits | buffers | alloc | "
+            "**total** | Megatron formula | ZeRO paper states | step s |", "|" + "---|" * 13]
+    for name, gpus, gbs, layouts in PAPER_CASES:
+        mc = resolved(ModelConfig(**LLAMA[name]))
+        hw = Hardware(gpus_per_node=8, nodes=gpus // 8, gpu_mem_bytes=80e9)
+        best = next(c for c in plan(mc, seq, gbs, hw, mm) if c.fits).layout
+        n = count_params(mc).total
+        for i, kw in enumerate([None, *layouts]):
+            lay = best if kw is None else Layout(**kw)
+            if kw is not None and lay == best:
+                continue
+            est = estimate_layout(mc, seq, gbs, lay, mm)
+            t = step_time(mc, seq, gbs, lay, hw, "bf16")["total"]
+            n_micro = gbs // (lay.micro_batch_size * lay.dp)
+            z = lay.zero_stage
+            zero_states = n / (lay.tp * lay.pp) * ((2 if z < 3 else 2 / lay.dp) + (2 if z < 2 else 2 / lay.dp)
+                                                   + (12 if z < 1 else 12 / lay.dp))
+            meg = gib(megatron_formula(mc, seq, lay, n_micro)) if not lay.activation_checkpointing else "n/a"
+            desc = (f"{'**planner best** ' if kw is None else ''}dp{lay.dp} tp{lay.tp} pp{lay.pp} z{lay.zero_stage}"
+                    f"{' sp' if lay.sp else ''}{' ckpt' if lay.activation_checkpointing else ''} mbs{lay.micro_batch_size}")
+            rows.append(f"| {name} ({n / 1e9:.2f}B) | {desc} | {gib(est.params)} | {gib(est.grads)} | "
+                        f"{gib(est.optimizer)} | {gib(est.activations)} | {gib(est.logits)} | {gib(est.comm_buffers)} | "
+                        f"{gib(est.overhead)} | **{gib(est.device_total)}** | {meg} | {gib(zero_states)} | {t:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="20m,50m")
@@ -109,7 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/planner_check")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_check.json"))
+    ap.add_argument("--paper-table", action="store_true", help="print the 7B/70B table of docs/planner.md")
     args = ap.parse_args(argv)
+    if args.paper_table:
+        print(paper_table())
+        return 0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
