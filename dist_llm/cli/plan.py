@@ -43,7 +43,7 @@ def _row(c) -> str:
     lay, mem = c.layout, c.memory
     gib = lambda x: f"{x / 2**30:6.1f}"  # noqa: E731
     name = (f"dp{lay.dp} tp{lay.tp} pp{lay.pp}" + (f" vpp{lay.vpp}" if lay.vpp > 1 else "")
-            + f" z{lay.zero_stage}" + (" offO" if lay.offload_optimizer else "")
+            + (" sp" if lay.sp else "") + f" z{lay.zero_stage}" + (" offO" if lay.offload_optimizer else "")
             + (" offP" if lay.offload_params else "") + (" ckpt" if lay.activation_checkpointing else "")
             + f" mbs{lay.micro_batch_size}")
     return (f"{name:<36} {gib(mem.params)} {gib(mem.grads)} {gib(mem.optimizer)} {gib(mem.activations)} "
