@@ -72,7 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     tr = cfg.train
     cands = plan(cfg.model, tr.seq_len, tr.global_batch_size, hw, mm)
     fits = [c for c in cands if c.fits]
-    print(f"model {count_params(cfg.model).total / 1e9:.3f}B params, seq {tr.seq_len}, global batch "
+    n = count_params(cfg.model).total
+    print(f"model {n / 1e9:.3f}B params" if n >= 1e8 else f"model {n / 1e6:.3f}M params", end="")
+    print(f", seq {tr.seq_len}, global batch "
           f"{tr.global_batch_size}, {cfg.parallel.precision}; {hw.nodes} x {hw.gpus_per_node} GPUs of "
           f"{hw.gpu_mem_bytes / GB:.0f} GB; {len(fits)} of {len(cands)} layouts fit")
     print(f"{'layout':<36} {'param':>6} {'grad':>6} {'optim':>6} {'act':>6} {'logit':>6} {'comm':>6} "
