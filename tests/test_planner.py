@@ -130,3 +130,14 @@ def test_plan_cli_prints_best_override_line(capsys):
     assert code == 0
     assert "layouts fit" in out and "dist-llm train model=llama_1b" in out and "parallel.zero_stage=" in out
     assert main(["plan", "model=llama_1b", "--gpus", "1", "--gpu-mem", "1GB"]) == 1  # nothing fits
+
+
+def test_planner_is_pure_arithmetic():
+    """validate/doctor may call it before any process group: no torch, DeepSpeed or Megatron."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dist_llm.planner, dist_llm.cli.plan; "
+            "bad = [m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
