@@ -69,23 +69,60 @@ def test_fp32_is_16_bytes_per_param_and_offload_moves_to_host():
 
 
 def test_activations_follow_korthikanti():
-    """A GPT-2 block without dropout keeps 17 s*b*h elements: 34 bytes at 2 bytes (the paper's 34;
-    we keep SDPA's output where the paper keeps two dropout masks). Sequence parallelism divides
-    everything by t; without it the norm and matmul inputs stay replicated (4 elements = 8 bytes,
-    the paper's 10 less its 2 dropout-mask bytes)."""
+    """A GPT-2 block without dropout keeps 16 s*b*h elements: 32 bytes at 2 bytes, the paper's 34
+    less its two 1-byte dropout masks. Sequence parallelism divides everything by t; without it
+    the norm and matmul inputs stay whole (4 elements = 8 bytes: the paper's 10 less the masks)."""
     cfg = ModelConfig(preset="gpt2", n_layers=2, n_heads=4, d_model=64)
-    assert activation_elements_per_layer(cfg, 1, False) == 17
-    assert activation_elements_per_layer(cfg, 4, True) == pytest.approx(17 / 4)
-    assert activation_elements_per_layer(cfg, 4, False) == pytest.approx(4 + 13 / 4)
+    assert activation_elements_per_layer(cfg, 1, False) == 16
+    assert activation_elements_per_layer(cfg, 4, True) == pytest.approx(16 / 4)
+    assert activation_elements_per_layer(cfg, 4, False) == pytest.approx(4 + 12 / 4)
     s, b, h = 64, 2, 64
     mm = MemoryModel(precision="bf16", allocator_overhead=0.0)
     full = estimate_layout(cfg, s, 8, Layout(micro_batch_size=b), mm).activations
     ckpt = estimate_layout(cfg, s, 8, Layout(micro_batch_size=b, activation_checkpointing=True), mm).activations
-    embed = s * b * h * 2
-    assert full == 2 * 34 * s * b * h + embed
-    assert ckpt == 2 * 2 * s * b * h + 34 * s * b * h + embed  # inputs kept + one layer recomputed
+    head = 2 * s * b * h * 2  # final norm input + LM head input
+    assert full == 2 * 32 * s * b * h + head
+    assert ckpt == 2 * 2 * s * b * h + 32 * s * b * h + head  # block inputs kept + one layer recomputed
     mat = estimate_layout(cfg, s, 8, Layout(micro_batch_size=b), dataclasses.replace(mm, flash_attention=False))
     assert mat.activations - full == 2 * 4 * s * s * b * 2  # softmax output a*s^2*b at 2 bytes, per layer
+
+
+def _saved_for_backward(cfg, seq: int, batch: int) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward (not parameters)."""
+    import torch
+
+    from dist_llm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, ids)
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("kw", [dict(preset="gpt2"), dict(preset="llama"), dict(preset="llama", n_kv_heads=2),
+                                dict(preset="gpt2", activation_checkpointing=True)], ids=str)
+def test_activation_count_matches_autograd(kw):
+    """The formula against what autograd really keeps (fp32, CPU SDPA). Tolerance 5 %: the
+    formula leaves out the norms' per-row statistics and the targets, and with grouped-query
+    attention counts the rotated k at kv/h where our repeat_kv makes autograd keep ~half of that."""
+    cfg = ModelConfig(n_layers=4, d_model=128, n_heads=4, vocab_size=64, max_seq_len=64, **kw)
+    s, b = 64, 2
+    got = _saved_for_backward(cfg, s, b)
+    layout = Layout(micro_batch_size=b, activation_checkpointing=cfg.activation_checkpointing)
+    est = estimate_layout(cfg, s, 8, layout, MemoryModel(precision="fp32", allocator_overhead=0.0))
+    predicted = est.activations + est.logits / 2  # the saved log-softmax (its gradient comes in backward)
+    if cfg.activation_checkpointing:
+        predicted -= activation_elements_per_layer(cfg, 1, False) * s * b * 128 * 4  # recompute is transient
+    assert predicted == pytest.approx(got, rel=0.05)
 
 
 def test_pipeline_first_stage_holds_pp_micro_batches():
@@ -95,7 +132,7 @@ def test_pipeline_first_stage_holds_pp_micro_batches():
     first = estimate_layout(cfg, 128, 16, Layout(pp=4, micro_batch_size=1), mm)
     # 4 micro-batches of 2 layers each in flight on the first stage = the 8 layers of one micro-batch
     assert first.stage == "first"
-    assert first.activations == pytest.approx(one + 3 * 128 * 128 * 2, rel=1e-9)
+    assert first.activations == pytest.approx(one - 2 * 128 * 128 * 2, rel=1e-9)  # no LM head there
 
 
 def test_estimate_peak_memory_from_job_config():

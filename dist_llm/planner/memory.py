@@ -119,47 +119,58 @@ def stage_params(mp: ModelParams, tp: int, pp: int, first: bool, last: bool) -> 
 def activation_elements_per_layer(model_cfg, tp: int, sp: bool) -> float:
     """Elements (in units of s*b*h) one block keeps for backward, no dropout, flash attention.
 
-    norm input(s) [LayerNorm 1, RMSNorm 2: input and normalised], qkv input 1, q/k/v 1 + 2*kv/h,
-    SDPA output and its contiguous copy (proj input) 2, MLP input 1, and the MLP hidden: GELU
-    input + output 2*f/h, SwiGLU gate, silu(gate), up and product 4*f/h.
+    Counted from what autograd saves in our blocks (tests/test_planner.py checks it with saved-
+    tensor hooks): each norm its input (LayerNorm; RMSNorm also its normalised output) and the
+    next matmul's input; the fused qkv output 1 + 2*kv/h (SDPA keeps q, k, v views of it); with
+    RoPE the rotated q and k (1 + kv/h); the SDPA output (= the proj input); the MLP hidden:
+    GELU input and output 2*f/h, SwiGLU gate, silu(gate), up and their product 4*f/h. A GPT-2
+    block: 16 elements = 32 bytes at 2 bytes, the paper's 34 less its two dropout-mask bytes.
     """
     m = resolved(model_cfg)
     h = m.d_model
     norm = 2.0 if m.preset == "llama" else 1.0
     kv = m.n_kv_heads * (h // m.n_heads) / h
     hidden = (4.0 if m.preset == "llama" else 2.0) * m.d_ff / h
-    replicated = 2 * norm + 2  # norm inputs, qkv and MLP inputs: full on every tp rank without sp
-    sharded = (1 + 2 * kv) + 2 + hidden
+    rope = (1 + kv) if m.preset == "llama" else 0.0
+    replicated = 2 * norm + 2  # norm tensors, qkv and MLP inputs: whole on every tp rank without sp
+    sharded = (1 + 2 * kv) + rope + 1 + hidden
     if sp:
         return (replicated + sharded) / tp
     return replicated + sharded / tp
 
 
-def activation_bytes(model_cfg, seq: int, layout: Layout, mm: MemoryModel, n_micro: int) -> float:
-    """Activations on the first stage at the peak of 1F1B (the busiest stage)."""
+def activation_bytes(model_cfg, seq: int, layout: Layout, mm: MemoryModel, n_micro: int,
+                     last_stage: bool = True) -> float:
+    """Activations of one stage at its peak: the first stage of 1F1B holds the most micro-batches."""
     m = resolved(model_cfg)
     act = BYTES[mm.precision]
     sbh = seq * layout.micro_batch_size * m.d_model
+    split = layout.tp if layout.sp else 1
     per_layer = activation_elements_per_layer(m, layout.tp, layout.sp) * sbh * act
     if not mm.flash_attention:
         # softmax output (+ its dropout mask and output with dropout): the paper's 5*a*s^2*b bytes
         per_layer += m.n_heads * seq * seq * layout.micro_batch_size * act * (2.5 if mm.dropout else 1.0) / layout.tp
     if mm.dropout:
-        per_layer += 2 * sbh / (layout.tp if layout.sp else 1)
+        per_layer += 2 * sbh / split
     layers = m.n_layers / layout.pp
     if layout.activation_checkpointing:
-        stored = sbh * act / (layout.tp if layout.sp else 1)
-        one_stage = layers * stored
+        one_stage = layers * sbh * act / split  # the block inputs
         recompute = per_layer  # one layer's activations live again during its backward
     else:
         one_stage = layers * per_layer
         recompute = 0.0
-    in_flight = min(layout.pp, n_micro)
-    if layout.pp > 1 and layout.vpp > 1:
-        in_flight = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp))
-        in_flight = min(in_flight, n_micro)
-    embed = sbh * act  # embedding output feeding the first block
-    return in_flight * (one_stage + embed) + recompute
+    if last_stage:  # final norm's tensors and the LM head's input
+        one_stage += ((2.0 if m.preset == "llama" else 1.0) + 1) * sbh * act / split
+    return in_flight(layout, n_micro) * one_stage + recompute
+
+
+def in_flight(layout: Layout, n_micro: int) -> float:
+    """Micro-batches whose activations the first stage holds at once (1 without pipelining)."""
+    if layout.pp == 1:
+        return 1.0
+    if layout.vpp > 1:
+        return min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp)), n_micro)
+    return float(min(layout.pp, n_micro))
 
 
 def logits_bytes(model_cfg, seq: int, layout: Layout) -> float:
@@ -238,11 +249,9 @@ def estimate_layout(model_cfg, seq_len: int, global_batch: int, layout: Layout,
         n = stage_params(mp, layout.tp, layout.pp, first, last)
         w, g, o, host = _weights_grads_optimizer(n, layout, mm)
         est = MemoryEstimate(params=w, grads=g, optimizer=o, host=host, stage=stage)
-        act = activation_bytes(model_cfg, seq_len, layout, mm, n_micro)
+        act = activation_bytes(model_cfg, seq_len, layout, mm, n_micro, last_stage=last)
         if not first:  # the last stage holds one micro-batch in flight under 1F1B
-            in_flight = min(layout.pp, n_micro) if layout.vpp == 1 else min(
-                layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp)), n_micro)
-            act = act / in_flight
+            act = act / in_flight(layout, n_micro)
         est.activations = act
         est.logits = logits_bytes(model_cfg, seq_len, layout) if last else 0.0
         est.comm_buffers = _comm_buffers(n, mp, layout, mm)
