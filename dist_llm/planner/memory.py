@@ -153,12 +153,14 @@ def activation_bytes(model_cfg, seq: int, layout: Layout, mm: MemoryModel, n_mic
     if mm.dropout:
         per_layer += 2 * sbh / split
     layers = m.n_layers / layout.pp
+    # In backward the gradients of one layer's activations coexist with what is still saved
+    # (about one layer's worth); with checkpointing that layer's activations are recomputed first.
     if layout.activation_checkpointing:
         one_stage = layers * sbh * act / split  # the block inputs
-        recompute = per_layer  # one layer's activations live again during its backward
+        recompute = 2 * per_layer
     else:
         one_stage = layers * per_layer
-        recompute = 0.0
+        recompute = per_layer
     if last_stage:  # final norm's tensors and the LM head's input
         one_stage += ((2.0 if m.preset == "llama" else 1.0) + 1) * sbh * act / split
     return in_flight(layout, n_micro) * one_stage + recompute
