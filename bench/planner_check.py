@@ -169,6 +169,23 @@ def paper_table(seq: int = 4096) -> str:
     return "\n".join(rows)
 
 
+def measured_table(results: dict) -> str:
+    """Markdown: per size/config the measured and predicted model memory (MiB) and the error;
+    predictions are recomputed with the current memory model (the measurements stay)."""
+    rows = ["| size | config | baseline VmHWM (MiB) | measured model memory (MiB) | predicted (MiB) | error |",
+            "|---|---|---|---|---|---|"]
+    for key in sorted(results, key=lambda k: (k.split("/")[0], list(CONFIGS).index(k.split("/")[1]))):
+        size, config = key.split("/")
+        if size == "tiny":
+            continue
+        base = results[f"tiny/{config}"]
+        measured = results[key]["measured_peak"] - base["measured_peak"]
+        predicted = predict(size, config)["device_total"] - predict("tiny", config)["device_total"]
+        rows.append(f"| {size} | {config} | {base['measured_peak'] / 2**20:.0f} | {measured / 2**20:.0f} | "
+                    f"{predicted / 2**20:.0f} | {100 * (predicted - measured) / measured:+.1f}% |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="20m,50m")
@@ -176,10 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/planner_check")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_check.json"))
+    ap.add_argument("--table", action="store_true", help="print the measured table of --out as Markdown")
     ap.add_argument("--paper-table", action="store_true", help="print the 7B/70B table of docs/planner.md")
     args = ap.parse_args(argv)
     if args.paper_table:
         print(paper_table())
+        return 0
+    if args.table:
+        print(measured_table(json.loads(Path(args.out).read_text())))
         return 0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
