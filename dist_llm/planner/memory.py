@@ -194,6 +194,15 @@ class CpuConstants:
     stage0_flat_grads: float = 4.0  # stage-0 all-reduce flattens the gradients into one bucket
     megatron_plain_model: float = 4.0  # the full plain model kept by the Megatron engine (per full param)
     activation_factor: float = 1.0
+    # Not derived: fitted on the 20M model of bench/planner_check.py and checked on the 50M one
+    # (docs/planner.md), bytes per full-model parameter. ZeRO-3 on CPU keeps every gathered
+    # parameter (reuse distance below the 1e9 default), the full-size gradients of backward and
+    # its flat gather buffers; the Megatron engine's start-up (the converted full state dict,
+    # Megatron's full-size CPU init of each weight, DeepSpeed's flattening copy) sets the heap's
+    # high-water mark, which glibc does not give back for tensors under its 32 MiB mmap threshold.
+    zero3_extra: float = 14.9
+    megatron_tp_extra: float = 17.7
+    megatron_pp_extra: float = 0.0
 
 
 CPU_CONSTANTS = CpuConstants()
@@ -276,6 +285,10 @@ def _apply_cpu_terms(est: MemoryEstimate, n: float, mp: ModelParams, layout: Lay
         est.optimizer += n * c.ds_master_copy / layout.dp
     if layout.pp == 1 and layout.zero_stage == 0:
         est.comm_buffers = n * c.stage0_flat_grads if layout.dp > 1 else 0.0
+    if layout.engine == "deepspeed" and layout.zero_stage == 3:
+        est.comm_buffers += mp.total * c.zero3_extra
+    if layout.engine == "megatron":
+        est.comm_buffers += mp.total * (c.megatron_tp_extra if layout.pp == 1 else c.megatron_pp_extra)
 
 
 def layout_from_job(job_config, world_size: int) -> Layout:
