@@ -194,7 +194,7 @@ class CpuConstants:
     stage0_flat_grads: float = 4.0  # stage-0 all-reduce flattens the gradients into one bucket
     megatron_plain_model: float = 4.0  # the full plain model kept by the Megatron engine (per full param)
     activation_factor: float = 1.0
-    # Not derived: fitted on the 20M model of bench/planner_check.py and checked on the 50M one
+    # Not derived: fitted on the 20M model of bench/planner_check.py (2 ranks) and checked on the 50M one
     # (docs/planner.md), bytes per full-model parameter. ZeRO-3 on CPU keeps every gathered
     # parameter (reuse distance below the 1e9 default), the full-size gradients of backward and
     # its flat gather buffers; the Megatron engine's start-up (the converted full state dict,
@@ -202,7 +202,7 @@ class CpuConstants:
     # high-water mark, which glibc does not give back for tensors under its 32 MiB mmap threshold.
     zero3_extra: float = 14.9
     megatron_tp_extra: float = 17.7
-    megatron_pp_extra: float = 0.0
+    megatron_pp_extra: float = 11.0
 
 
 CPU_CONSTANTS = CpuConstants()
