@@ -39,6 +39,7 @@ SIZES = {  # gpt2 preset, vocab 320 (byte-level embedded corpus); total params i
     "tiny": ["model.n_layers=2", "model.n_heads=2", "model.d_model=16"],  # ~15k: the baseline
     "20m": ["model.n_layers=6", "model.n_heads=8", "model.d_model=512"],  # ~19.2M
     "50m": ["model.n_layers=8", "model.n_heads=8", "model.d_model=704"],  # ~47.9M
+    "35m": ["model.n_layers=7", "model.n_heads=8", "model.d_model=640"],  # ~34.6M: held out for the Megatron fit
 }
 CONFIGS = {
     "zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["parallel=zero2"],

@@ -194,15 +194,21 @@ class CpuConstants:
     stage0_flat_grads: float = 4.0  # stage-0 all-reduce flattens the gradients into one bucket
     megatron_plain_model: float = 4.0  # the full plain model kept by the Megatron engine (per full param)
     activation_factor: float = 1.0
-    # Not derived: fitted on the 20M model of bench/planner_check.py (2 ranks) and checked on the 50M one
-    # (docs/planner.md), bytes per full-model parameter. ZeRO-3 on CPU keeps every gathered
+    # Not derived: fitted on bench/planner_check.py's measurements (2 ranks, seq 256, micro-batch
+    # 4), bytes per full-model parameter (+ attention-score copies for Megatron); ZeRO-3 fitted
+    # on the 20M model and checked on 50M, Megatron fitted on 20M and 50M and checked on 35M
+    # (docs/planner.md). ZeRO-3 on CPU keeps every gathered
     # parameter (reuse distance below the 1e9 default), the full-size gradients of backward and
     # its flat gather buffers; the Megatron engine's start-up (the converted full state dict,
     # Megatron's full-size CPU init of each weight, DeepSpeed's flattening copy) sets the heap's
     # high-water mark, which glibc does not give back for tensors under its 32 MiB mmap threshold.
     zero3_extra: float = 14.9
-    megatron_tp_extra: float = 17.7
-    megatron_pp_extra: float = 11.0
+    megatron_tp_extra: float = 6.04
+    megatron_pp_extra: float = 0.58
+    # Megatron's local (non-Transformer-Engine) attention on CPU materialises the a*s^2*b
+    # scores: copies of that kept per layer in flight (fp32).
+    megatron_tp_scores: float = 9.73
+    megatron_pp_scores: float = 4.22
 
 
 CPU_CONSTANTS = CpuConstants()
@@ -267,7 +273,10 @@ def estimate_layout(model_cfg, seq_len: int, global_batch: int, layout: Layout,
         est.logits = logits_bytes(model_cfg, seq_len, layout) if last else 0.0
         est.comm_buffers = _comm_buffers(n, mp, layout, mm)
         if mm.device == "cpu":
-            _apply_cpu_terms(est, n, mp, layout)
+            m = resolved(model_cfg)
+            layers_held = mp.n_layers / layout.pp * (in_flight(layout, n_micro) if first else 1)
+            scores = layers_held * m.n_heads / layout.tp * seq_len ** 2 * layout.micro_batch_size * 4
+            _apply_cpu_terms(est, n, mp, layout, scores)
         est.overhead = mm.allocator_overhead * est.device_total
         if best is None or est.device_total > best.device_total:
             best = est
@@ -275,7 +284,8 @@ def estimate_layout(model_cfg, seq_len: int, global_batch: int, layout: Layout,
     return best
 
 
-def _apply_cpu_terms(est: MemoryEstimate, n: float, mp: ModelParams, layout: Layout) -> None:
+def _apply_cpu_terms(est: MemoryEstimate, n: float, mp: ModelParams, layout: Layout,
+                     scores_bytes: float = 0.0) -> None:
     """The CPU mock cluster's extra copies (see :class:`CpuConstants`); fp32 only."""
     c = CPU_CONSTANTS
     est.activations *= c.activation_factor
@@ -288,7 +298,10 @@ def _apply_cpu_terms(est: MemoryEstimate, n: float, mp: ModelParams, layout: Lay
     if layout.engine == "deepspeed" and layout.zero_stage == 3:
         est.comm_buffers += mp.total * c.zero3_extra
     if layout.engine == "megatron":
-        est.comm_buffers += mp.total * (c.megatron_tp_extra if layout.pp == 1 else c.megatron_pp_extra)
+        per_param, copies = ((c.megatron_tp_extra, c.megatron_tp_scores) if layout.pp == 1
+                             else (c.megatron_pp_extra, c.megatron_pp_scores))
+        est.comm_buffers += mp.total * per_param
+        est.activations += copies * scores_bytes
 
 
 def layout_from_job(job_config, world_size: int) -> Layout:
