@@ -12,8 +12,8 @@ The formulas are the standard ones (docs/planner.md gives the derivations and so
   stage 1 shards the optimizer states over dp, stage 2 also the gradients, stage 3 also the
   weights; CPU offload moves the optimizer states (and stage-3 weights) to the host;
 * activations (Korthikanti et al. 2022, "Reducing Activation Recomputation"): the tensors
-  autograd keeps per layer, counted from our blocks (17 s*b*h elements for a GPT-2 block without
-  dropout = the paper's 34 bytes at 2 bytes each); the 5*a*s^2*b attention term only when
+  autograd keeps per layer, counted from our blocks (16 s*b*h elements for a GPT-2 block without
+  dropout = the paper's 34 bytes less its two dropout-mask bytes); the a*s^2*b scores only when
   attention scores are materialised (SDPA / flash attention keeps none); divided by tp where the
   tensors are tensor-parallel (all of them with sequence parallelism); 1 s*b*h per layer with
   full activation checkpointing plus one layer recomputed; under 1F1B the first stage keeps
