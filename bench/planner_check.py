@@ -39,7 +39,8 @@ SIZES = {  # gpt2 preset, vocab 320 (byte-level embedded corpus); total params i
     "tiny": ["model.n_layers=2", "model.n_heads=2", "model.d_model=16"],  # ~15k: the baseline
     "20m": ["model.n_layers=6", "model.n_heads=8", "model.d_model=512"],  # ~19.2M
     "50m": ["model.n_layers=8", "model.n_heads=8", "model.d_model=704"],  # ~47.9M
-    "35m": ["model.n_layers=7", "model.n_heads=8", "model.d_model=640"],  # ~34.6M: held out for the Megatron fit
+    # ~34.6M: held out for the Megatron fit (tp2 only: 7 layers do not split into 2 pipeline stages)
+    "35m": ["model.n_layers=7", "model.n_heads=8", "model.d_model=640"],
 }
 CONFIGS = {
     "zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["parallel=zero2"],
@@ -175,7 +176,7 @@ def measured_table(results: dict) -> str:
     predictions are recomputed with the current memory model (the measurements stay)."""
     rows = ["| size | config | baseline VmHWM (MiB) | measured model memory (MiB) | predicted (MiB) | error |",
             "|---|---|---|---|---|---|"]
-    for key in sorted(results, key=lambda k: (k.split("/")[0], list(CONFIGS).index(k.split("/")[1]))):
+    for key in sorted(results, key=lambda k: (list(SIZES).index(k.split("/")[0]), list(CONFIGS).index(k.split("/")[1]))):
         size, config = key.split("/")
         if size == "tiny":
             continue
