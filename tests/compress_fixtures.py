@@ -11,6 +11,7 @@ from dist_llm.config.schema import DataConfig, DatasetSource, JobConfig, ModelCo
 from dist_llm.config.store import config_to_dict
 from dist_llm.data import ByteTokenizer
 from dist_llm.models.gpt import GPT
+from dist_llm.parallel.engine import Engine
 
 SEQ_LEN = 32  # the stdlib_cache corpus is packed at 32
 
@@ -22,7 +23,7 @@ class SingleRank:
         pass
 
 
-class WeightsEngine:
+class WeightsEngine(Engine):
     """What CheckpointManager.save reads from an engine: full weights and an optimizer state."""
 
     def __init__(self, model):

@@ -25,6 +25,7 @@ from dist_llm.interop import InteropError  # noqa: E402
 from dist_llm.interop.init_from import derive_model_config, load_into, resolve_init_from  # noqa: E402
 from dist_llm.interop.tokenizer import tokenizer_from_hf_dir  # noqa: E402
 from dist_llm.models import build_model, generate  # noqa: E402
+from dist_llm.parallel.engine import Engine
 
 TOL = 1e-4
 
@@ -90,7 +91,7 @@ class _SingleRank:
         pass
 
 
-class _WeightsEngine:
+class _WeightsEngine(Engine):
     """The part of an engine CheckpointManager.save reads: full weights and an optimizer state."""
 
     def __init__(self, model):

@@ -30,6 +30,7 @@ from dist_llm.train.callbacks import Callback, CheckpointCallback, EvalLogCallba
 from dist_llm.train.debug import FaultInjectionCallback, debug_callbacks
 from dist_llm.train.schedule import lr_at
 from dist_llm.train.trainer import NonFiniteLossError, Preempted, Trainer
+from dist_llm.parallel.engine import Engine
 
 SEQ, VOCAB = 8, 32
 

@@ -4,7 +4,7 @@ Takes the same overrides as ``dist-llm train`` and prints a table of checks (PAS
 code 0 only when all pass:
 
 * config: composes and validates (the same errors train would give);
-* memory per rank: parameter, gradient and optimizer bytes for the layout (tp, pp, ZeRO stage);
+* memory per rank: the planner's peak estimate for the layout (tp, pp, ZeRO stage, offload);
 * ranks reach each other, every rank sees its shards, the output directory is writable from
   every rank: a short job on the same launcher as train (the local mock cluster starts the ranks
   here; under torchrun or srun every rank runs ``dist-llm doctor`` itself, see
@@ -20,35 +20,14 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 Row = Tuple[str, bool, str]
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def estimate_memory_per_rank(cfg, world: int) -> Dict[str, float]:
-    """Bytes per rank of weights, gradients and optimizer state (AdamW), from a parameter count
-    of the model built on the ``meta`` device (no memory). Activations are not included.
+    """Peak bytes on the busiest rank per component (:func:`dist_llm.planner.estimate_peak_memory`):
+    params, grads, optimizer, activations, ..., ``device_total``; ``host`` is what is offloaded."""
+    from dist_llm.planner.memory import estimate_peak_memory
 
-    Weights and gradients are split over tp x pp; ZeRO partitions optimizer state (stage >= 1),
-    gradients (>= 2) and weights (3) over the data-parallel ranks. Optimizer state: two fp32
-    moments, plus an fp32 master copy under bf16/fp16.
-    """
-    import torch
-
-    from dist_llm.models import build_model
-
-    with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(cfg.model).parameters())
-    par = cfg.parallel
-    precision = str(getattr(par.precision, "value", par.precision))
-    stage = int(getattr(par.zero_stage, "value", par.zero_stage))
-    model_par = max(par.tp, 1) * max(par.pp, 1)
-    dp = max(world // model_par, 1)
-    local = n / model_par
-    b = PRECISION_BYTES.get(precision, 4)
-    weights = local * b / (dp if stage >= 3 else 1)
-    grads = local * b / (dp if stage >= 2 else 1)
-    optim = local * (8 + (4 if b < 4 else 0)) / (dp if stage >= 1 else 1)
-    return {"params": float(n), "weights": weights, "grads": grads, "optimizer": optim,
-            "total": weights + grads + optim}
+    return estimate_peak_memory(cfg, world).as_dict()
 
 
 def _gib(x: float) -> str:
@@ -75,9 +54,9 @@ def _static_checks(overrides: List[str]):
     rows: List[Row] = [("config", True, f"valid for {world} rank(s), launcher {cfg.launcher.kind}")]
     try:
         m = estimate_memory_per_rank(cfg, world)
-        rows.append(("memory per rank", True, f"{m['params'] / 1e6:.2f}M params; weights {_gib(m['weights'])}, "
-                     f"grads {_gib(m['grads'])}, optimizer {_gib(m['optimizer'])}: {_gib(m['total'])} "
-                     f"+ activations"))
+        rows.append(("memory per rank", True, f"{_gib(m['device_total'])} peak on the busiest rank (weights "
+                     f"{_gib(m['params'])}, grads {_gib(m['grads'])}, optimizer {_gib(m['optimizer'])}, "
+                     f"activations {_gib(m['activations'] + m['logits'])}; host {_gib(m['host'])})"))
     except Exception as e:  # noqa: BLE001
         rows.append(("memory per rank", False, f"{type(e).__name__}: {e}"))
     return rows, cfg

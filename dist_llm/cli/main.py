@@ -19,6 +19,7 @@ commands:
   serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
   prune    prune a checkpoint: dist-llm prune <ckpt | run dir> --out DIR --method unstructured|structured
   quantize int8 a checkpoint: dist-llm quantize <ckpt | run dir> --out DIR --mode weight_only|dynamic
+  plan     memory per rank and step time of every layout: dist-llm plan <overrides> [--gpus 8 --gpu-mem 80GB --nodes M]
   doctor   check a job before spending an allocation: dist-llm doctor <train overrides>
 
 examples:
@@ -67,6 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from importlib import import_module
 
         return import_module(f"dist_llm.cli.{cmd}").main(rest)
+    if cmd == "plan":
+        from dist_llm.cli.plan import main as plan_main
+
+        return plan_main(rest)
     if cmd in ("doctor", "doctor-rank"):  # doctor-rank: internal, one rank of the doctor job
         from dist_llm.cli import doctor
 

@@ -178,6 +178,9 @@ class PrepareConfig:
     seed: int = 1234
     progress: Progress = Progress.auto
     keep_work: bool = False  # keep output_dir/.work (intermediate parts) after success
+    # Driver memory for what grows with the corpus (dedup index, plan); past it they go to files
+    # under output_dir/.work. Never changes the output. 0 = no limit (all in memory).
+    memory_budget_mb: float = 64.0
     input: PrepareInputConfig = field(default_factory=PrepareInputConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -316,5 +319,8 @@ def _check_run(cfg: PrepareConfig, p: List[str]) -> None:
                  f"{cfg.debug.stop_after_shards} must be >= 0 (0 = off)")
     if cfg.workers < 0:
         p.append(f"workers={cfg.workers} must be >= 0 (0 = all cores)")
+    if not cfg.memory_budget_mb >= 0:
+        p.append(f"memory_budget_mb={cfg.memory_budget_mb} must be >= 0 (MB of driver memory for the dedup "
+                 f"index and the plan before they spill to disk; 0 = no limit), e.g. memory_budget_mb=256")
     if not cfg.output_dir:
         p.append("output_dir is empty: name the dataset directory, e.g. output_dir=data/web")

@@ -179,7 +179,8 @@ def _batch_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
     if data.num_workers < 0:
         p.append(f"data.num_workers={data.num_workers} must be >= 0")
     if data.bad_samples not in ("raise", "skip"):
-        p.append(f"data.bad_samples={data.bad_samples!r} is not one of raise, skip")
+        p.append(f"data.bad_samples={data.bad_samples!r} must be raise (stop naming shard and key) or skip "
+                 f"(count and skip bad samples up to data.max_bad_fraction)")
     if not 0.0 <= data.max_bad_fraction < 1.0:
         p.append(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1): the share of samples "
                  f"data.bad_samples=skip may drop before the run stops")

@@ -14,14 +14,17 @@
 Decisions need the documents in input order (the first copy is kept, later ones dropped), so
 they run in one process over compact per-document keys, never over text: one exact key and
 ``bands`` LSH keys, 8 bytes each, in :class:`U64Set` open-addressing tables (~16 bytes per key).
-That index is the only state that grows with the corpus.
+That index is the only state that grows with the corpus; past a byte budget
+(``memory_budget_mb``) its tables are spilled to sorted runs on disk (:class:`SpilledKeys`), so
+the driver's memory stays bounded while the decisions stay exactly the same.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import zlib
-from typing import List, Sequence, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -160,6 +163,13 @@ class U64Set:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def nbytes(self) -> int:
+        return self._table.nbytes
+
+    def keys(self) -> np.ndarray:
+        return self._table[self._table != 0]
+
     @staticmethod
     def _fix(keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.uint64)
@@ -208,12 +218,99 @@ class U64Set:
             keys, idx = keys[lose], (idx[lose] + 1) & mask
 
 
-class Deduper:
-    """Ordered decisions: the first copy is kept; later exact or near copies are dropped."""
+class SpilledKeys:
+    """Sorted runs of uint64 keys on disk (``<dir>/run-<k>.u64``), queried by streaming them.
 
-    def __init__(self, exact: bool, near: bool) -> None:
+    Why streaming and not a memory map: pages of a mapped file count in the process' RSS once
+    touched, and random lookups touch all of them; ``np.fromfile`` blocks only pass through the
+    page cache. A query batch is sorted once and matched against every run's blocks with
+    ``searchsorted``, so a batch costs one sequential read of what was spilled (a part of 2000
+    documents against 10M spilled keys: ~80 MB from the page cache, tens of milliseconds).
+    """
+
+    BLOCK = 1 << 18  # keys per read: 2 MB
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        self.runs: List[Path] = []
+        self.keys = 0
+
+    def write_run(self, keys: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"run-{len(self.runs):05d}.u64"
+        np.sort(keys.astype(np.uint64, copy=False)).tofile(path)
+        self.runs.append(path)
+        self.keys += len(keys)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        if not self.runs or not len(keys):
+            return found
+        order = np.argsort(keys, kind="stable")
+        q = keys[order]
+        hit = np.zeros(len(q), dtype=bool)
+        for path in self.runs:
+            with open(path, "rb") as f:
+                while True:
+                    block = np.fromfile(f, dtype=np.uint64, count=self.BLOCK)
+                    if not len(block):
+                        break
+                    lo = int(np.searchsorted(q, block[0], side="left"))
+                    hi = int(np.searchsorted(q, block[-1], side="right"))
+                    if hi > lo:  # only the queries inside this block's key range
+                        sub = q[lo:hi]
+                        i = np.minimum(np.searchsorted(block, sub), len(block) - 1)
+                        hit[lo:hi] |= block[i] == sub
+        found[order] = hit
+        return found
+
+
+class SpillingU64Set:
+    """A :class:`U64Set` that moves its keys to a new on-disk run (:class:`SpilledKeys`) whenever
+    its table would exceed ``budget_bytes`` (0 = never): the same answers, bounded memory."""
+
+    def __init__(self, spill_dir: Optional[Path], budget_bytes: int) -> None:
+        self.mem = U64Set()
+        self.budget = budget_bytes if spill_dir is not None else 0
+        self.disk = SpilledKeys(spill_dir) if spill_dir is not None else None
+
+    def __len__(self) -> int:
+        return len(self.mem) + (self.disk.keys if self.disk is not None else 0)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        found = self.mem.contains(keys)
+        if self.disk is not None and self.disk.runs and not found.all():
+            todo = np.flatnonzero(~found)
+            found[todo] = self.disk.contains(U64Set._fix(keys[todo]))
+        return found
+
+    def add(self, keys: np.ndarray) -> None:
+        """Insert keys that are not present yet (the caller checked with :meth:`contains`)."""
+        # Spill before a resize could pass the budget: a table holds up to 64 bytes per key
+        # (it grows to 4-8 slots per key once half full).
+        if self.budget and len(self.mem) and (len(self.mem) + len(keys)) * 64 > self.budget:
+            assert self.disk is not None
+            self.disk.write_run(self.mem.keys())
+            self.mem = U64Set()
+        self.mem.add(keys)
+
+
+class Deduper:
+    """Ordered decisions: the first copy is kept; later exact or near copies are dropped.
+
+    ``spill_dir`` and ``budget_bytes``: past that many bytes of hash tables, keys go to sorted
+    runs under ``spill_dir`` (emptied first: the index is rebuilt from the parts on every run).
+    """
+
+    def __init__(self, exact: bool, near: bool, spill_dir: Optional[Path] = None, budget_bytes: int = 0) -> None:
         self.exact, self.near = exact, near
-        self.exact_seen, self.lsh = U64Set(), U64Set()
+        if spill_dir is not None and spill_dir.exists():
+            for old in spill_dir.rglob("run-*.u64"):
+                old.unlink()
+        # The LSH table holds `bands` keys per document, the exact one 1: share the budget alike.
+        sub = (lambda name: spill_dir / name) if spill_dir is not None else (lambda name: None)
+        self.exact_seen = SpillingU64Set(sub("exact"), budget_bytes // 8)
+        self.lsh = SpillingU64Set(sub("lsh"), budget_bytes - budget_bytes // 8)
 
     def decide(self, exact: np.ndarray, bands: np.ndarray) -> np.ndarray:
         """Codes (KEEP / EXACT_DUP / NEAR_DUP) for a batch of candidates in input order."""

@@ -13,7 +13,9 @@ C. *write* (parallel): each shard is built from the plan alone and written atomi
 Output is a function of (config, inputs) only: not of the engine, the number of workers or
 where a previous run was interrupted. Memory stays flat: the reader keeps at most
 ``2 x workers`` chunks in flight and part files are memory-mapped; only the dedup index
-(~16 bytes per key) and the plan (~40 bytes per kept document) grow with the corpus.
+(~16 bytes per key) and the plan (~40 bytes per kept document) grow with the corpus, and past
+``memory_budget_mb`` both spill to files under ``.work`` (sorted key runs, memory-mapped plan
+columns) without changing the output.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from dist_llm.prepare.readers import InputFile, discover, image_classes, plan_un
 DATASET_FORMAT = "dist-llm-dataset/1"
 _WORK_FORMAT = "parts/2"  # the layout of .work/parts (text, then tokens after dedup); older work is discarded
 # Fields that do not change the output: not part of its fingerprint.
-_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work")
+_RUNTIME_ONLY = ("output_dir", "engine", "workers", "ray_address", "progress", "keep_work", "memory_budget_mb")
 
 
 def config_dict(cfg: PrepareConfig) -> Dict[str, Any]:

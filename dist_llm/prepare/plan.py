@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -75,7 +75,9 @@ class Decider:
     def __init__(self, cfg: Any, work: Path) -> None:
         self.cfg, self.work = cfg, work
         self.st = Stats()
-        self.dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image")
+        budget = int(cfg.memory_budget_mb * 2**20)
+        self.dd = Deduper(cfg.dedup.exact, cfg.dedup.near and cfg.pack.kind != "image",
+                          work / "dedup" if budget else None, budget * 3 // 4)  # 1/4 left for the plan
 
     def add(self, name: str) -> Decision:
         cfg, st = self.cfg, self.st
@@ -114,10 +116,54 @@ class Decider:
         return st
 
 
+class _Columns:
+    """The plan's per-document columns, appended part by part: in memory, or (past the budget)
+    streamed to ``<work>/plan/<split>.<column>.bin`` and memory-mapped back read-only, so neither
+    the driver nor the writers hold the whole plan (they touch only the pages they read)."""
+
+    def __init__(self, dir: Optional[Path]) -> None:
+        self.dir = dir
+        self.mem: Dict[str, Dict[str, List[np.ndarray]]] = {s: {} for s in SPLITS}
+        self.files: Dict[Tuple[str, str], Any] = {}
+        self.meta: Dict[Tuple[str, str], Tuple[np.dtype, tuple, int]] = {}
+        if dir is not None:
+            dir.mkdir(parents=True, exist_ok=True)
+
+    def append(self, split: str, col: str, a: np.ndarray) -> None:
+        if self.dir is None:
+            self.mem[split].setdefault(col, []).append(a)
+            return
+        key = (split, col)
+        if key not in self.files:
+            self.files[key] = open(self.dir / f"{split}.{col}.bin", "wb")
+            self.meta[key] = (a.dtype, a.shape[1:], 0)
+        dt, trail, n = self.meta[key]
+        np.ascontiguousarray(a, dtype=dt).tofile(self.files[key])
+        self.meta[key] = (dt, trail, n + len(a))
+
+    def finish(self) -> Dict[str, Dict[str, np.ndarray]]:
+        if self.dir is None:
+            return {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()}
+                    for s, c in self.mem.items()}
+        out: Dict[str, Dict[str, np.ndarray]] = {s: {} for s in SPLITS}
+        for (split, col), f in self.files.items():
+            f.close()
+            dt, trail, n = self.meta[(split, col)]
+            out[split][col] = (np.memmap(self.dir / f"{split}.{col}.bin", dtype=dt, mode="r", shape=(n, *trail))
+                               if n else np.zeros((0, *trail), dt))
+        return out
+
+
+def plan_spills(cfg: Any, decisions: List[Decision]) -> bool:
+    """Whether the plan (~48 bytes per kept document at most) passes a quarter of the budget."""
+    budget = cfg.memory_budget_mb * 2**20
+    return bool(budget) and sum(len(d.keep) for d in decisions) * 48 > budget / 4
+
+
 def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) -> Dict[str, Dict[str, np.ndarray]]:
     """Phase B, second half (text: after phase A2 tokenized the kept documents): per split, where
-    every kept document's tokens (or pixels) live, in input order."""
-    cols: Dict[str, Dict[str, List[np.ndarray]]] = {s: {} for s in SPLITS}
+    every kept document's tokens (or pixels) live, in input order (on disk past the budget)."""
+    cols = _Columns(work / "plan" if plan_spills(cfg, decisions) else None)
     image = cfg.pack.kind == "image"
     for pi, (name, dec) in enumerate(zip(parts, decisions)):
         if image:  # pixels of every candidate are in the part, in candidate order
@@ -135,19 +181,18 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
             nsent = t.get("nsent")
             sent_start = np.concatenate([[0], np.cumsum(nsent)])[:-1] if nsent is not None else None
         for split, sel in (("train", ~dec.is_val), ("val", dec.is_val)):
-            c = cols[split]
             k = int(sel.sum())
-            c.setdefault("part", []).append(np.full(k, pi, np.int64))
-            c.setdefault("off", []).append(offs[sel])
-            c.setdefault("ntok", []).append(ntok[sel])
+            cols.append(split, "part", np.full(k, pi, np.int64))
+            cols.append(split, "off", offs[sel])
+            cols.append(split, "ntok", ntok[sel])
             if sent_start is not None:
-                c.setdefault("sent_start", []).append(sent_start[sel])
-                c.setdefault("nsent", []).append(nsent[sel])
+                cols.append(split, "sent_start", sent_start[sel])
+                cols.append(split, "nsent", nsent[sel])
             if image:
-                c.setdefault("shape", []).append(m["shape"][rows[sel]])
-                c.setdefault("label", []).append(m["label"][rows[sel]])
-                c.setdefault("fidx", []).append(m["fidx"][rows[sel]])
-    return {s: {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in c.items()} for s, c in cols.items()}
+                cols.append(split, "shape", m["shape"][rows[sel]])
+                cols.append(split, "label", m["label"][rows[sel]])
+                cols.append(split, "fidx", m["fidx"][rows[sel]])
+    return cols.finish()
 
 
 # ---- what phase C reads ----------------------------------------------------------------------
