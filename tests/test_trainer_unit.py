@@ -24,7 +24,7 @@ from dist_llm.data import ShardWriter, TrainLoader, ValLoader
 from dist_llm.launch.env import EXIT_PREEMPTED
 from dist_llm.observability import build_logger
 from dist_llm.observability.progress import NullProgress
-from dist_llm.parallel.engine import StepStats
+from dist_llm.parallel.engine import Engine, StepStats
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.train.callbacks import Callback, CheckpointCallback, EvalLogCallback, MetricsCallback
 from dist_llm.train.debug import FaultInjectionCallback, debug_callbacks
@@ -34,7 +34,7 @@ from dist_llm.train.trainer import NonFiniteLossError, Preempted, Trainer
 SEQ, VOCAB = 8, 32
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """The Engine interface over a tiny bigram model and torch's AdamW (one process, no DeepSpeed)."""
 
     def __init__(self, seed: int = 0, nan_at_step: int = -1):

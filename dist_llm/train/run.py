@@ -110,6 +110,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
     from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.trainer import Trainer
+    from dist_llm.train.watchdog import WatchdogCallback
 
     if not torch.cuda.is_available():
         # Split the cores between the local ranks instead of oversubscribing them.
@@ -149,6 +150,8 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
             MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
+            # before the debug hooks: a fault injected in a phase is reported in that phase
+            WatchdogCallback(tr.hang_timeout_s, cfg.parallel.first_step_timeout_s, cfg.parallel.timeout_s),
             *debug_callbacks(cfg.debug),
         ]
         progress = make_progress(tr.max_steps, 0, tr.ui.progress_bar if layout.is_logging_rank else "off")
