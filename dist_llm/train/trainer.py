@@ -54,7 +54,8 @@ class Trainer:
         self._saved_at = -1
         self.gate = NumericsGate(cfg.train)
         engine.step_gate = self.gate
-        engine.step_hooks = [cb for cb in callbacks if isinstance(cb, StepHooks)]
+        self.step_hooks = [cb for cb in callbacks if isinstance(cb, StepHooks)]
+        engine.step_hooks = self.step_hooks
 
     # --- state ---
     def _trainer_state(self) -> Dict[str, Any]:
@@ -132,6 +133,8 @@ class Trainer:
                 self.evaluate()
             timer = StepTimer()
             while self.state.step < tr.max_steps:
+                for h in self.step_hooks:
+                    h.phase("all_reduce:preemption flag")
                 if self.preempt.agreed(self.layout):
                     self._on_preempt()
                 self.last_lr = lr_at(self.state.step, cfg.optim, tr.max_steps)
