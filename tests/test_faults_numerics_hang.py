@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "launcher.nproc=2", "train.eval_every=0", "train.checkpoint.keep_last=10"]
+# A fixed decay horizon: runs of different train.max_steps share the LR of every step.
+COMMON = [*TINY, "launcher.nproc=2", "train.eval_every=0", "train.checkpoint.keep_last=10", "optim.decay_steps=40"]
 CKPT = Path("runs") / "{name}" / "checkpoints" / "step-{step:08d}"
 
 
