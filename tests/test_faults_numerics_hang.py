@@ -119,7 +119,7 @@ def test_nan_with_raise_stops_at_the_step_before_and_saves_nothing_poisoned(job)
 
 def test_a_rank_hung_before_an_all_reduce_ends_every_rank_with_a_named_collective(job):
     args = ["train", *COMMON, "name=hang", "parallel=zero2", "train.max_steps=10", "train.checkpoint.every=0",
-            "debug.sleep_at_step=5", "debug.sleep_s=300", "debug.fault_rank=1",
+            "debug.sleep_at_step=5", "debug.sleep_s=300", "debug.fault_rank=1", "debug.collective=all_reduce:loss",
             "parallel.timeout_s=20", "parallel.first_step_timeout_s=120", "train.hang_timeout_s=30"]
     err_path = job / "hang.stderr"
     env = {**os.environ, "WANDB_SILENT": "true"}
