@@ -105,6 +105,20 @@ class CrashPoint(Choice):
     before_latest = "before_latest"  # step-N renamed, latest not yet repointed
 
 
+# What a step whose update was withheld (non-finite loss/grads, loss spike) does to the run:
+# raise = stop with an error (parameters stay those of the previous step, nothing is saved);
+# skip = drop that step's update on every rank, count it (train state, checkpoint), go on.
+# (Functional form: `raise` is a keyword, and OmegaConf parses enum fields by member name.)
+NumericsPolicy = Choice("NumericsPolicy", {"raise": "raise", "skip": "skip"})
+
+
+class NanTarget(Choice):
+    """Where fault injection (debug.nan_at_step) puts the non-finite value."""
+
+    loss = "loss"  # the loss of the step's last micro-batch on the fault rank
+    grad = "grad"  # one parameter's gradient on the fault rank (loss stays finite)
+
+
 @dataclass
 class ModelConfig:
     """A GPT decoder. ``preset`` picks the block flavour; sizes are free."""
@@ -184,6 +198,9 @@ class ParallelConfig:
     backend: Backend = Backend.auto
     device: Device = Device.auto
     timeout_s: int = 600  # collective timeout: a dead peer fails the job instead of hanging it
+    # Collective timeout until the first step has finished (start-up, first compile/allocation,
+    # checkpoint load); then parallel.timeout_s applies. Gloo and NCCL both honour it.
+    first_step_timeout_s: int = 1800
 
 
 @dataclass
@@ -226,6 +243,16 @@ class UIConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detector: a step whose global loss exceeds ``factor`` x the median of the last
+    ``window`` applied steps' losses has its update withheld, then ``policy`` as for non-finite."""
+
+    factor: float = 0.0  # 0 = off
+    window: int = 20
+    policy: NumericsPolicy = NumericsPolicy['raise']
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 20
     micro_batch_size: int = 4
@@ -238,6 +265,12 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    # Hang watchdog: no heartbeat (phase of the step, step end) for this long after the first step
+    # (before it: parallel.first_step_timeout_s) -> stack dump of all threads, exit non-zero. 0 = off.
+    hang_timeout_s: int = 1800
+    # Non-finite loss or gradients: the update is never applied; raise = stop | skip = go on, counted.
+    nonfinite: NumericsPolicy = NumericsPolicy['raise']
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass
@@ -300,10 +333,25 @@ class DebugConfig:
     crash_at_step: int = -1
     crash_rank: int = 0
     crash_point: CrashPoint = CrashPoint.after_step
+    # Faults inside a step (every time the step is reached, not once per run directory), on
+    # fault_rank (-1 = every rank):
+    fault_rank: int = 1
+    sleep_at_step: int = -1  # sleep sleep_s before the step's first `collective` phase
+    sleep_s: float = 0.0
+    collective: str = "all_reduce"  # phase name prefix the sleep waits in front of
+    nan_at_step: int = -1  # a non-finite value at this step ...
+    nan_in: NanTarget = NanTarget.loss  # ... in the loss or in one gradient
+    inf: bool = False  # +inf instead of NaN
+    spike_at_step: int = -1  # multiply the loss of this step by spike_factor
+    spike_factor: float = 100.0
 
     @property
     def enabled(self) -> bool:
-        return self.crash_at_step >= 0
+        return self.crash_at_step >= 0 or self.step_faults
+
+    @property
+    def step_faults(self) -> bool:
+        return max(self.sleep_at_step, self.nan_at_step, self.spike_at_step) >= 0
 
 
 @dataclass

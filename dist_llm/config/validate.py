@@ -224,12 +224,33 @@ def _launcher_problems(cfg: JobConfig, world: int) -> List[str]:
     p: List[str] = []
     if la.kind == "local" and la.nproc < 1:
         p.append(f"launcher.nproc={la.nproc} must be >= 1")
-    if dbg.enabled and not 0 <= dbg.crash_rank < max(world, 1):
+    crash = dbg.crash_at_step >= 0
+    if crash and not 0 <= dbg.crash_rank < max(world, 1):
         p.append(f"debug.crash_rank={dbg.crash_rank} is not a rank of this job (world size {world})")
-    if dbg.enabled and dbg.crash_point in ("after_manifest", "before_latest") and dbg.crash_rank != 0:
+    if dbg.step_faults and not -1 <= dbg.fault_rank < max(world, 1):
+        p.append(f"debug.fault_rank={dbg.fault_rank} is not a rank of this job (world size {world}; -1 = all)")
+    if dbg.sleep_at_step >= 0 and dbg.sleep_s <= 0:
+        p.append(f"debug.sleep_at_step={dbg.sleep_at_step} needs debug.sleep_s > 0")
+    p += _numerics_problems(cfg)
+    if crash and dbg.crash_point in ("after_manifest", "before_latest") and dbg.crash_rank != 0:
         p.append(f"debug.crash_point={dbg.crash_point} happens on rank 0 only: set debug.crash_rank=0")
     if not cfg.name or any(c in cfg.name for c in "/\\\n\r\t") or cfg.name.startswith("."):
         p.append(f"name={cfg.name!r} must be a plain run name (no path separators, no leading dot)")
+    return p
+
+
+def _numerics_problems(cfg: JobConfig) -> List[str]:
+    """Hang watchdog, collective timeouts and the loss-spike detector."""
+    tr, par = cfg.train, cfg.parallel
+    p: List[str] = []
+    if tr.hang_timeout_s < 0:
+        p.append(f"train.hang_timeout_s={tr.hang_timeout_s} must be >= 0 (0 = watchdog off)")
+    if par.timeout_s <= 0 or par.first_step_timeout_s <= 0:
+        p.append(f"parallel.timeout_s={par.timeout_s} and parallel.first_step_timeout_s="
+                 f"{par.first_step_timeout_s} must be > 0 (seconds)")
+    if tr.spike.factor and (tr.spike.factor <= 1 or tr.spike.window < 3):
+        p.append(f"train.spike.factor={tr.spike.factor} must be > 1 (or 0 = off) and train.spike.window="
+                 f"{tr.spike.window} >= 3")
     return p
 
 

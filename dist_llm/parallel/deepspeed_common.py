@@ -8,13 +8,15 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
+from dist_llm.parallel.engine import Engine
 
 
 def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
@@ -59,27 +61,73 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_micro_batches(ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                        before_optimizer_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """One optimizer step over ``micro_batches`` through a DeepSpeed engine; returns the sum of
-    the micro-batch losses as a float64 scalar on ``device``.
+# Reduces (local loss sum, local "some gradient is non-finite" flag) over the ranks whose numbers
+# count and returns (global mean loss, finite everywhere): one all-reduce, equal on every rank.
+Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
 
-    The sum stays on the device: no host sync per micro-batch; the caller reduces it once.
-    ``before_optimizer_step`` runs after the last backward (gradients accumulated and reduced)
-    and before the step that clips and applies them.
+
+def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
+                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                        agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None
+                        ) -> Tuple[float, bool, bool]:
+    """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
+
+    Before the optimizer step every rank agrees (``agree``: one all-reduce) on the global loss
+    and on whether loss and gradients are finite; ``owner.step_gate`` then decides whether the
+    update is applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO
+    optimizer's own overflow check (partitioned gradients this rank cannot see) also withholds
+    the update and counts as non-finite. The loss sum stays on the device until that all-reduce.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), dtype=torch.float64, device=device)
+    n = len(micro_batches)
     for i, mb in enumerate(micro_batches):
-        loss = loss_fn(mb)
+        last = i == n - 1
+        loss = owner.hook_before_backward(loss_fn(mb), last)
+        owner.hook_phase("backward")
         ds_engine.backward(loss)
-        if before_optimizer_step is not None and i == len(micro_batches) - 1:
-            before_optimizer_step()
-        ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        owner.hook_after_backward(last)
         total += loss.detach().double()
-    return total
+        if not last:
+            ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+    owner.hook_phase("all_reduce:loss+nonfinite")
+    loss_mean, finite = agree(total, _local_grads_nonfinite(ds_engine.module, device))
+    apply = owner.step_gate.allow(loss_mean, finite)
+    owner.hook_phase("optimizer_step")
+    if apply and before_optimizer_step is not None:
+        before_optimizer_step()
+    if apply:
+        ds_engine.step()
+    else:
+        with _update_withheld(optimizer):
+            ds_engine.step()  # the boundary bookkeeping (counters, zeroed grads), no update
+    overflow = bool(getattr(optimizer, "overflow", False))
+    return loss_mean, apply and not overflow, finite and not overflow
+
+
+def _local_grads_nonfinite(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """1.0 if a gradient this rank holds is inf/nan (ZeRO-2/3 free them after reducing: their
+    optimizer checks its partitions itself)."""
+    bad = torch.zeros((), dtype=torch.float64, device=device)
+    for p in module.parameters():
+        if p.grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(p.grad).all()).double())
+    return bad
+
+
+@contextmanager
+def _update_withheld(optimizer) -> Iterator[None]:
+    """Make the next ``ds_engine.step()`` apply no update. A ZeRO optimizer takes its own
+    overflow path (it drops the gradient partitions and buffers, and the engine counts a skipped
+    step); a plain torch optimizer's step becomes a no-op (the engine zeroes the gradients after)."""
+    zero = hasattr(optimizer, "has_overflow") and getattr(optimizer, "check_grad_overflow", False)
+    name = "has_overflow" if zero else "step"
+    setattr(optimizer, name, (lambda *a, **k: True) if zero else (lambda *a, **k: None))
+    try:
+        yield
+    finally:
+        delattr(optimizer, name)  # the class's method again
 
 
 def global_grad_norm(ds_engine, fallback: Optional[float] = None) -> float:

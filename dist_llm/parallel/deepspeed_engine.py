@@ -8,8 +8,9 @@ partition as plain tensors, which the checkpoint module stores as safetensors / 
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -92,16 +93,22 @@ class DeepSpeedEngine(Engine):
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
-        # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
         norm = {}
         own_norm = None
         if self.stage == 0:  # DeepSpeed records no norm at stage 0: count it before the step clips
             own_norm = lambda: norm.setdefault("gn", replicated_grad_norm(self.engine.module.parameters()))  # noqa: E731
-        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
-                                    before_optimizer_step=own_norm)
-        self.layout.all_reduce_sum(total)
-        gn = global_grad_norm(self.engine, norm.get("gn"))
-        return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn)
+        loss, applied, finite = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr,
+                                                    self._loss, self.device, self._agree,
+                                                    before_optimizer_step=own_norm)
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.engine, norm.get("gn")), applied=applied,
+                         finite=finite)
+
+    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> Tuple[float, bool]:
+        """One all-reduce: the global mean loss and whether any rank saw a non-finite value."""
+        both = torch.stack([loss_sum, nonfinite])
+        self.layout.all_reduce_sum(both)
+        loss = float(both[0]) / (self.grad_accum * self.layout.dp)
+        return loss, math.isfinite(loss) and float(both[1]) == 0.0
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:

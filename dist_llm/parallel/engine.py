@@ -29,10 +29,38 @@ from torch import nn
 class StepStats:
     loss: float  # mean over the global batch (all micro-batches, all data-parallel ranks)
     grad_norm: float  # global 2-norm before clipping (nan when the engine does not compute it)
+    applied: bool = True  # False: the update was withheld on every rank (see StepGate)
+    finite: bool = True  # loss and gradients were finite on every rank
+
+
+class StepHooks:
+    """Points inside one optimizer step. The trainer registers the callbacks that subclass this
+    (the hang watchdog, debug fault injection); production engines call them and know nothing
+    of what they do. Every method must be cheap: it runs on every step."""
+
+    def phase(self, name: str) -> None:
+        """The step enters ``name`` (``backward``, ``all_reduce:...``, ``optimizer_step``)."""
+
+    def before_backward(self, loss: torch.Tensor, last: bool) -> torch.Tensor:
+        """May return a different loss (``last``: the step's final micro-batch)."""
+        return loss
+
+    def after_backward(self, last: bool) -> None: ...
+
+
+class StepGate:
+    """Decides whether a step's update is applied, from numbers that are equal on every rank
+    (the all-reduced loss and non-finite flag), so every rank decides alike. The default
+    withholds only non-finite updates."""
+
+    def allow(self, loss: float, finite: bool) -> bool:
+        return finite
 
 
 class Engine:
     model: nn.Module  # the plain model (unwrapped), e.g. for generation
+    step_hooks: List[StepHooks] = []  # set by the trainer; never mutated in place
+    step_gate: StepGate = StepGate()
     supports_sharded: bool = False  # has save_sharded/load_sharded
     reshardable: bool = False  # its sharded checkpoints load at another world size / tp / pp
 
@@ -42,8 +70,22 @@ class Engine:
         state and sharded files only into an engine of the same name."""
         return type(self).__name__
 
+    def hook_phase(self, name: str) -> None:
+        for h in self.step_hooks:
+            h.phase(name)
+
+    def hook_before_backward(self, loss: torch.Tensor, last: bool) -> torch.Tensor:
+        for h in self.step_hooks:
+            loss = h.before_backward(loss, last)
+        return loss
+
+    def hook_after_backward(self, last: bool) -> None:
+        for h in self.step_hooks:
+            h.after_backward(last)
+
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
-        """Forward/backward every micro-batch ([B, T+1] token ids), then one optimizer step."""
+        """Forward/backward every micro-batch ([B, T+1] token ids), then one optimizer step,
+        unless :attr:`step_gate` withholds it (then no parameter or optimizer state changes)."""
         raise NotImplementedError
 
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:

@@ -224,7 +224,7 @@ def init_layout(cfg: ParallelConfig, le: LaunchEnv) -> ParallelLayout:
     if not dist.is_initialized():
         export_torch_env(le)
         dist.init_process_group(backend=backend, rank=le.rank, world_size=le.world_size,
-                                timeout=timedelta(seconds=cfg.timeout_s))
+                                timeout=timedelta(seconds=max(cfg.timeout_s, cfg.first_step_timeout_s)))
     world = dist.get_world_size()
     rank = dist.get_rank()
     if world != le.world_size:
@@ -244,3 +244,13 @@ def shutdown() -> None:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Change the default group's collective timeout (after the first step: start-up is done, so a
+    peer that does not answer within ``parallel.timeout_s`` is dead or hung). Gloo honours it per
+    operation; NCCL through its watchdog."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    if dist.is_initialized():
+        _set_pg_timeout(timedelta(seconds=seconds))

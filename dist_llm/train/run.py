@@ -110,6 +110,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
     from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.trainer import Trainer
+    from dist_llm.train.watchdog import WatchdogCallback
 
     if not torch.cuda.is_available():
         # Split the cores between the local ranks instead of oversubscribing them.
@@ -146,6 +147,9 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
         config_dict = config_to_dict(cfg)
         logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
         callbacks = [
+            # First: it beats before the other callbacks' work (saves) and before the debug hooks
+            # (a fault injected in a phase is reported in that phase).
+            WatchdogCallback(tr.hang_timeout_s, cfg.parallel.first_step_timeout_s, cfg.parallel.timeout_s),
             MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),

@@ -11,15 +11,13 @@ from dist_llm.checkpoint.manager import CheckpointManager
 from dist_llm.config.plan import RunPlan
 from dist_llm.config.schema import JobConfig
 from dist_llm.launch.env import EXIT_PREEMPTED
+from dist_llm.parallel.engine import StepHooks
 from dist_llm.train.callbacks import Callback, StepTimer
+from dist_llm.train.numerics import NonFiniteLossError, NumericsGate
 from dist_llm.train.preempt import PREEMPT_FILE, PreemptionFlag
 from dist_llm.train.schedule import lr_at
 
 log = logging.getLogger("dist_llm.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Preempted(SystemExit):
@@ -37,6 +35,8 @@ class TrainState:
     best_step: int = -1
     last_val_loss: float = math.nan
     first_val_loss: float = math.nan  # at step 0, before any update: the baseline of the run
+    skipped_steps: int = 0  # updates withheld under train.nonfinite/spike.policy=skip
+    recent_losses: Optional[List[float]] = None  # the loss-spike window (restored on resume)
 
 
 class Trainer:
@@ -52,9 +52,14 @@ class Trainer:
         self.last_lr = 0.0
         self.preempt = PreemptionFlag(ckpt.run_dir / PREEMPT_FILE)  # the file: preemption off the main thread
         self._saved_at = -1
+        self.gate = NumericsGate(cfg.train)
+        engine.step_gate = self.gate
+        self.step_hooks = [cb for cb in callbacks if isinstance(cb, StepHooks)]
+        engine.step_hooks = self.step_hooks
 
     # --- state ---
     def _trainer_state(self) -> Dict[str, Any]:
+        self.state.recent_losses = self.gate.state()
         d = asdict(self.state)
         for k in ("best_val_loss", "last_val_loss", "first_val_loss"):  # JSON has no inf/nan
             d[k] = d[k] if math.isfinite(d[k]) else None
@@ -82,6 +87,7 @@ class Trainer:
         for k, v in trainer_state.items():
             if hasattr(self.state, k):
                 setattr(self.state, k, v if v is not None else getattr(TrainState(), k))
+        self.gate.load_state(self.state.recent_losses)
         self._saved_at = self.state.step
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -103,6 +109,20 @@ class Trainer:
             self.requeue()
         raise Preempted()
 
+    def _on_withheld_update(self, stats) -> None:
+        """The engine withheld this step's update on every rank (they agreed before stepping)."""
+        step = self.state.step + 1
+        reason = self.gate.reason or "non-finite gradients (the optimizer's overflow check)"
+        if self.gate.policy(stats.finite) == "raise":
+            raise NonFiniteLossError(
+                f"step {step}: {reason}; the update was not applied and nothing of it is saved (parameters "
+                f"are those of step {step - 1}; the last committed checkpoint in {self.ckpt.root} is intact). "
+                f"Lower optim.lr, raise optim.warmup_steps or use parallel.precision=fp32; "
+                f"train.nonfinite=skip / train.spike.policy=skip skips such steps instead")
+        self.state.skipped_steps += 1
+        log.warning("step %d: %s: update skipped on every rank (%d skipped so far)", step, reason,
+                    self.state.skipped_steps)
+
     def fit(self) -> Dict[str, Any]:
         cfg, tr = self.cfg, self.cfg.train
         self.preempt.install()
@@ -114,6 +134,8 @@ class Trainer:
                 self.evaluate()
             timer = StepTimer()
             while self.state.step < tr.max_steps:
+                for h in self.step_hooks:
+                    h.phase("all_reduce:preemption flag")
                 if self.preempt.agreed(self.layout):
                     self._on_preempt()
                 self.last_lr = lr_at(self.state.step, cfg.optim, tr.max_steps)
@@ -121,13 +143,15 @@ class Trainer:
                 timer.start()
                 stats = self.engine.train_step(batches, self.last_lr)
                 elapsed = timer.stop()
-                self.state.step += 1
-                self.state.tokens_seen += self.plan.tokens_per_step
-                if not math.isfinite(stats.loss):
+                if not stats.applied:
+                    self._on_withheld_update(stats)
+                elif not math.isfinite(stats.loss):  # an engine that does not consult the step gate
                     raise NonFiniteLossError(
-                        f"loss is {stats.loss} at step {self.state.step}: lower optim.lr, raise "
+                        f"loss is {stats.loss} at step {self.state.step + 1}: lower optim.lr, raise "
                         f"optim.warmup_steps or use parallel.precision=fp32; the last committed checkpoint "
                         f"in {self.ckpt.root} is intact")
+                self.state.step += 1
+                self.state.tokens_seen += self.plan.tokens_per_step
                 for cb in self.callbacks:
                     cb.on_step_end(self, stats, elapsed)
                 if tr.eval_every and self.val_loader is not None and self.state.step % tr.eval_every == 0:
@@ -138,6 +162,10 @@ class Trainer:
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_train_end(self)
+        except BaseException as exc:
+            for cb in self.callbacks:
+                cb.on_exception(self, exc)
+            raise
         finally:
             self.preempt.uninstall()
             self.progress.close()

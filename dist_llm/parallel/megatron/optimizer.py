@@ -21,7 +21,7 @@ With ``shard=False`` (``zero_stage=0``) every DP rank owns everything: plain rep
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,8 +72,12 @@ class DPShardedAdamW:
         return math.sqrt(float(sq))
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, allow: Callable[[float], bool] = math.isfinite) -> Tuple[float, bool]:
+        """Clip and step; returns (grad norm, applied). ``allow(norm)`` (equal on every rank: the
+        norm is global) may withhold the update: then weights, moments and step count stay."""
         norm = self.grad_norm()
+        if not allow(norm):
+            return norm, False
         coef = self.max_norm / (norm + 1e-6) if self.max_norm > 0 else 1.0
         for i in self.owned:
             p = self.params[i]
@@ -85,7 +89,7 @@ class DPShardedAdamW:
             self.params[i].grad = None
         self.step_count += 1
         self._broadcast_from_owners()
-        return norm
+        return norm, True
 
     def _broadcast_from_owners(self) -> None:
         if self.shard_dp == 1:

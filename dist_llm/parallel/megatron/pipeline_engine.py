@@ -8,6 +8,7 @@ step gives every rank the mean.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch
@@ -69,8 +70,12 @@ class MegatronPipelineEngine(MegatronEngineBase):
         for d in self.ddps:
             d.zero_grad_buffer()
         total = self._run_schedule(micro_batches, forward_only=False)
-        gn = self.optimizer.step(lr)
-        return StepStats(loss=self.global_mean(total), grad_norm=gn)
+        self.hook_phase("all_reduce:loss")
+        loss = self.global_mean(total)  # before the update: the gate decides on the global loss
+        self.hook_phase("optimizer_step")
+        gn, applied = self.optimizer.step(
+            lr, lambda norm: self.step_gate.allow(loss, math.isfinite(loss) and math.isfinite(norm)))
+        return StepStats(loss=loss, grad_norm=gn, applied=applied, finite=math.isfinite(loss) and math.isfinite(gn))
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:

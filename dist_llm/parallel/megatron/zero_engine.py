@@ -10,7 +10,8 @@ DeepSpeed does not call). The micro-batch loop is the one the plain DeepSpeed en
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -55,11 +56,21 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
 
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         self.check_micro_batches(micro_batches)
-        total = self.loss_total()
-        total[0] = train_micro_batches(self.ds, self.optimizer, micro_batches, lr,
-                                       lambda mb: self._mean_loss(self.ds, mb), self.layout.device)
-        total[1] = len(micro_batches)
-        return StepStats(loss=self.global_mean(total), grad_norm=global_grad_norm(self.ds))
+        loss, applied, finite = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
+                                                    lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
+                                                    lambda s, bad: self._agree(s, bad, len(micro_batches)))
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), applied=applied, finite=finite)
+
+    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, n: int) -> Tuple[float, bool]:
+        """The global mean (only the loss-reporting ranks count) and the non-finite flag of every
+        rank, in the one world all-reduce of :meth:`global_mean`."""
+        total = torch.zeros(3, dtype=torch.float64, device=self.layout.device)
+        if self.reports_loss():
+            total[0], total[1] = loss_sum, n
+        total[2] = nonfinite
+        self.layout.all_reduce_world_sum(total)
+        loss = float(total[0] / total[1])
+        return loss, math.isfinite(loss) and float(total[2]) == 0.0
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
