@@ -20,7 +20,9 @@ REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight
             ("parallel", "tp2"): ["launcher.nproc=2"], ("parallel", "tp2_sp"): ["launcher.nproc=2"],
             ("parallel", "pp2"): ["launcher.nproc=2"], ("parallel", "tp2_pp2"): ["launcher.nproc=4"],
             ("parallel", "pp2_vpp2"): ["launcher.nproc=2", "model.n_layers=4"],
-            ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"]}
+            ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"],
+            # the faulty rank of the hang and nonfinite presets is rank 1: a 2-rank job
+            ("debug", "hang"): ["launcher.nproc=2"], ("debug", "nonfinite"): ["launcher.nproc=2"]}
 
 
 def _options():
