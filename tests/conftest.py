@@ -22,3 +22,12 @@ def stdlib_cache(tmp_path_factory):
 def workdir(tmp_path, stdlib_cache):
     shutil.copytree(stdlib_cache, tmp_path / "data" / "stdlib")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def compress_runs(tmp_path_factory, stdlib_cache):
+    """{"gpt2": run dir, "llama": run dir}: tiny models trained 300 steps on the embedded corpus."""
+    from compress_fixtures import train_checkpoint
+
+    root = tmp_path_factory.mktemp("compress")
+    return {preset: train_checkpoint(root, stdlib_cache, preset) for preset in ("gpt2", "llama")}

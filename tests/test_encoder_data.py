@@ -14,7 +14,7 @@ from dist_llm.data import read_manifest
 from dist_llm.data.batches import decode_bert_batch, decode_image_batch, shift_image
 from dist_llm.data.masking import IGNORE_INDEX, mask_batch, mask_tokens
 from dist_llm.prepare import run_prepare
-from dist_llm.prepare.synthetic import planted_corpus, write_jsonl
+from prepare_synthetic import planted_corpus, write_jsonl
 from dist_llm.data.shards import IMAGES_FORMAT, PAIRS_FORMAT, read_records
 
 SPECIALS = {"pad": 0, "bos": 1, "eos": 2, "mask": 3, "cls": 4, "sep": 5}

@@ -17,6 +17,8 @@ commands:
   report   plots + Markdown summary from a run directory: dist-llm report runs/demo
   export   a checkpoint as a Hugging Face model: dist-llm export <ckpt | run dir> --format hf --out DIR
   serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
+  prune    prune a checkpoint: dist-llm prune <ckpt | run dir> --out DIR --method unstructured|structured
+  quantize int8 a checkpoint: dist-llm quantize <ckpt | run dir> --out DIR --mode weight_only|dynamic
 
 examples:
   dist-llm prepare input=files input.paths='[corpus/*.jsonl.zst]' tokenizer=bpe output_dir=data/web
@@ -60,6 +62,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dist_llm.cli.serve import main as serve_main
 
         return serve_main(rest)
+    if cmd in ("prune", "quantize"):
+        from importlib import import_module
+
+        return import_module(f"dist_llm.cli.{cmd}").main(rest)
     print(f"dist-llm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -148,6 +148,9 @@ class ModelConfig:
     # of our checkpoints (step-N/, best/, run dir). Architecture fields come from it (see
     # docs/model-path.md); use model=pretrained so no preset sizes conflict with it.
     init_from: Optional[str] = None
+    # Per-head width; None = d_model // n_heads. Set by structured head pruning (dist-llm prune), which
+    # removes heads but keeps d_model, so the attention width n_heads*head_dim becomes < d_model.
+    head_dim: Optional[int] = None
     # Encoder-only fields (preset bert/vit; mapped by dist_llm.models.encoder_config)
     type_vocab_size: int = 2  # bert: token-type (segment) embeddings
     image_size: int = 8  # vit: square images

@@ -51,6 +51,8 @@ def config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
     cfg = resolve_model_config(cfg)
     require(cfg.preset == "gpt2", "model", "model.preset", cfg.preset, "use the llama adapter")
     require(bool(cfg.bias), "model", "model.bias", cfg.bias, "Hugging Face GPT-2 always has biases")
+    require(cfg.head_dim in (None, cfg.d_model // cfg.n_heads), "model", "model.head_dim", cfg.head_dim,
+            "Hugging Face GPT-2 needs n_heads*head_dim == d_model (a head-pruned model cannot be exported as GPT-2)")
     hf = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function="gelu_new",

@@ -28,7 +28,7 @@ from dist_llm.config.schema import ModelConfig
 from dist_llm.interop import InteropError, adapter_for_model_type
 
 ARCH_FIELDS = ("preset", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff", "max_seq_len", "vocab_size",
-               "bias", "tie_embeddings", "norm_eps", "rope_theta")
+               "bias", "tie_embeddings", "norm_eps", "rope_theta", "head_dim")
 
 
 @dataclasses.dataclass

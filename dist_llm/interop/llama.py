@@ -67,7 +67,7 @@ def config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
     hf = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=n_kv_heads(cfg),
-        head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
         initializer_range=cfg.init_std, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=bool(cfg.tie_embeddings),
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_bias=bias, mlp_bias=bias, attention_dropout=0.0,
@@ -87,7 +87,7 @@ _SIMPLE = {  # our per-block name -> HF per-layer name (same shape, no transpose
 
 
 def _qkv_sizes(cfg: ModelConfig):
-    hd = cfg.d_model // cfg.n_heads
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
     return [cfg.n_heads * hd, n_kv_heads(cfg) * hd, n_kv_heads(cfg) * hd]
 
 

@@ -16,9 +16,10 @@ def matmul_params_per_layer(cfg: ModelConfig) -> int:
     resolved = resolve_model_config(cfg)
     assert resolved.d_ff is not None and resolved.n_kv_heads is not None
     d = resolved.d_model
-    kv_width = resolved.n_kv_heads * (d // resolved.n_heads)
+    head_dim = resolved.head_dim or d // resolved.n_heads  # head_dim: set by structured head pruning
+    kv_width = resolved.n_kv_heads * head_dim
     mlp_matrices = 3 if resolved.preset == "llama" else 2
-    return 2 * d**2 + 2 * d * kv_width + mlp_matrices * d * resolved.d_ff
+    return 2 * d * resolved.n_heads * head_dim + 2 * d * kv_width + mlp_matrices * d * resolved.d_ff
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -51,7 +51,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(
             f"model.preset={cfg.preset!r} is not a known preset; allowed values: {', '.join(PRESETS)}"
         )
-    if cfg.d_model % cfg.n_heads != 0:
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads != 0:
         raise ValueError(
             f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
         )
@@ -62,7 +62,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             f"or leave it null for plain multi-head attention"
         )
     is_gpt2 = cfg.preset == "gpt2"
-    if not is_gpt2 and (cfg.d_model // cfg.n_heads) % 2 != 0:
+    if not is_gpt2 and (cfg.head_dim or cfg.d_model // cfg.n_heads) % 2 != 0:
         raise ValueError(
             f"the llama preset's rotary embedding needs an even head size, got "
             f"model.d_model/model.n_heads = {cfg.d_model}/{cfg.n_heads}"
@@ -130,11 +130,11 @@ class CausalSelfAttention(nn.Module):
         assert cfg.n_kv_heads is not None, "resolve_model_config() first"
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads  # head_dim: set by head pruning
         self.dropout = cfg.dropout
         self.qkv_sizes = [d * self.head_dim for d in (self.n_heads, self.n_kv_heads, self.n_kv_heads)]
         self.qkv = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=bool(cfg.bias))
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bool(cfg.bias))
+        self.proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=bool(cfg.bias))
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None,
@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(batch, seq, d_model)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.resid_dropout(self.proj(out))
 
 
@@ -241,7 +241,7 @@ class GPT(nn.Module):
         self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.preset == "llama":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
             # Non-persistent: derived from the config, so not part of checkpoints.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)

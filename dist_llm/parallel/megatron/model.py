@@ -51,7 +51,7 @@ def transformer_config(mcfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int = 1
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads, ffn_hidden_size=m.d_ff,
-        num_query_groups=m.n_kv_heads,
+        num_query_groups=m.n_kv_heads, kv_channels=m.head_dim or m.d_model // m.n_heads,  # head_dim: head pruning
         hidden_dropout=m.dropout, attention_dropout=m.dropout, layernorm_epsilon=m.norm_eps,
         normalization="RMSNorm" if llama else "LayerNorm",
         add_bias_linear=bool(m.bias), add_qkv_bias=bool(m.bias),
