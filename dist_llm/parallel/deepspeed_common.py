@@ -16,7 +16,7 @@ from torch import nn
 
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.engine import Engine
+from dist_llm.parallel.engine import Engine, accumulate
 
 
 def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
@@ -66,17 +66,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
 
 
-def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                        agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None
-                        ) -> Tuple[float, bool, bool]:
+def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
+                        loss_fn: Callable[[Any], Any], device: torch.device,
+                        agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None,
+                        metrics_into: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[float, bool, bool]:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
 
-    Before the optimizer step every rank agrees (``agree``: one all-reduce) on the global loss
-    and on whether loss and gradients are finite; ``owner.step_gate`` then decides whether the
-    update is applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO
-    optimizer's own overflow check (partitioned gradients this rank cannot see) also withholds
-    the update and counts as non-finite. The loss sum stays on the device until that all-reduce.
+    ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
+    pairs are added into ``metrics_into`` (float64 2-vectors, reduced by the caller). Before the
+    optimizer step every rank agrees (``agree``: one all-reduce) on the global loss and on
+    whether loss and gradients are finite; ``owner.step_gate`` then decides whether the update is
+    applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO optimizer's
+    own overflow check (partitioned gradients this rank cannot see) also withholds the update and
+    counts as non-finite. The loss sum stays on the device until that all-reduce.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -84,7 +86,12 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     n = len(micro_batches)
     for i, mb in enumerate(micro_batches):
         last = i == n - 1
-        loss = owner.hook_before_backward(loss_fn(mb), last)
+        loss = loss_fn(mb)
+        if isinstance(loss, tuple):
+            loss, metrics = loss
+            if metrics_into is not None:
+                accumulate(metrics_into, metrics, device)
+        loss = owner.hook_before_backward(loss, last)
         owner.hook_phase("backward")
         ds_engine.backward(loss)
         owner.hook_after_backward(last)
