@@ -126,13 +126,14 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
             offs = np.concatenate([[0], np.cumsum(m["ntok"][cand])])[:-1][dec.keep]
             rows = cand[dec.keep]
             ntok = m["ntok"][rows]
-            nsent = sent_start = None
+            nsent = sent_start = labels = None
         else:  # tokens of the kept documents only, in order
             with np.load(work / "parts" / f"{name}.tok.npz") as z:
                 t = {k: z[k] for k in z.files}
             ntok = t["ntok"]
             offs = np.concatenate([[0], np.cumsum(ntok)])[:-1]
             nsent = t.get("nsent")
+            labels = t.get("label")  # pack=classify: the kept rows' label strings
             sent_start = np.concatenate([[0], np.cumsum(nsent)])[:-1] if nsent is not None else None
         for split, sel in (("train", ~dec.is_val), ("val", dec.is_val)):
             c = cols[split]
@@ -143,6 +144,8 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
             if sent_start is not None:
                 c.setdefault("sent_start", []).append(sent_start[sel])
                 c.setdefault("nsent", []).append(nsent[sel])
+            if not image and labels is not None:
+                c.setdefault("label", []).append(labels[sel])
             if image:
                 c.setdefault("shape", []).append(m["shape"][rows[sel]])
                 c.setdefault("label", []).append(m["label"][rows[sel]])
