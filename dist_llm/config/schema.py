@@ -38,6 +38,12 @@ class Preset(Choice):
     vit = "vit"  # pre-norm image encoder with a class-token classifier
 
 
+class EmbeddedData(Choice):
+    stdlib = "stdlib"
+    stdlib_bert = "stdlib_bert"
+    digits = "digits"
+
+
 class TaskKind(Choice):
     """The training objective (``task`` config group, dist_llm/train/tasks/)."""
 
@@ -176,6 +182,9 @@ class DataConfig:
     build_embedded: bool = False
     embedded_dir: str = "data/stdlib"
     embedded_max_bytes: int = 3_000_000  # how much stdlib source text the embedded corpus takes
+    # Which embedded set build_embedded writes: stdlib (byte tokens, causal) | stdlib_bert
+    # (char tokens, BERT pairs of train.seq_len) | digits (8x8 images for task=classify)
+    embedded: EmbeddedData = EmbeddedData.stdlib
     # Refuse a data manifest whose shards lack a sha256 (false: accept unchecked shards).
     require_checksums: bool = True
     # A sample that does not match its manifest (missing member, wrong shape, duplicated key,

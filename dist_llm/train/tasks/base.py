@@ -56,6 +56,15 @@ class Task:
                      sample_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError(f"task {self.kind} reads token windows, it does not decode records")
 
+    def decode_eval_batch(self, samples: Sequence[Mapping[str, Any]],
+                          sample_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """Validation batches: fixed randomness (step 0), no augmentation unless overridden."""
+        return self.decode_batch(samples, 0, sample_indices)
+
+    def setup_data(self, manifest: Mapping[str, Any]) -> None:
+        """Called once with the training data's manifest (special ids, classes) before decoding;
+        raises naming the field when the data does not fit the model."""
+
     def loss(self, model: Callable[..., Any], batch: Batch) -> Tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
 
