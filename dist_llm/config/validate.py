@@ -133,6 +133,9 @@ def _task_problems(cfg: JobConfig) -> List[str]:
         p.append(f"task=mlm_nsp needs a BERT model (model=bert_tiny|bert_small), got model.preset={preset}")
     if kind == "mlm_nsp" and not 0.0 < cfg.task.mlm_nsp.mlm_prob < 1.0:
         p.append(f"task.mlm_nsp.mlm_prob={cfg.task.mlm_nsp.mlm_prob} must be in (0, 1)")
+    if kind != "pretrain" and cfg.train.sample.tokens > 0:
+        p.append(f"train.sample.tokens={cfg.train.sample.tokens} generates text, which only task=pretrain "
+                 f"models do: set train.sample.tokens=0")
     if kind == "classify" and preset == "vit" and cfg.task.classify.max_shift < 0:
         p.append(f"task.classify.max_shift={cfg.task.classify.max_shift} must be >= 0")
     return p

@@ -56,7 +56,8 @@ class ClassifyTask(Task):
         from dist_llm.models.vit import classification_loss
 
         assert isinstance(batch, dict)
-        logits = model(batch["pixel_values"])
+        dtype = next(iter(model.parameters())).dtype  # bf16 engines hold bf16 weights
+        logits = model(batch["pixel_values"].to(dtype))
         labels = batch["labels"]
         loss = classification_loss(logits, labels)
         n = torch.tensor(labels.numel(), device=labels.device)
