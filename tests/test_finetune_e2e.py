@@ -19,10 +19,11 @@ pytestmark = pytest.mark.slow
 
 def test_classify_lora_zero3_two_ranks(tmp_path: Path) -> None:
     data = tmp_path / "data" / "cls"
-    run_prepare(compose_prepare([f"output_dir={data}", "input=stdlib_classify", "pack=classify", "pack.seq_len=64",
+    run_prepare(compose_prepare([f"output_dir={data}", "input=stdlib_classify", "pack=classify", "pack.seq_len=64", "pack.samples_per_shard=100",
                                  "tokenizer=byte", "dedup=none", "workers=1", "progress=off", "split.val_every=5"]))
     run_cli(["train", "model=tiny", "model.vocab_size=258", "model.num_classes=6", "task=classify", "data=shards",
-             f"data.train.0.path={data / 'train'}", f"data.val={data / 'val'}", "parallel=zero3", "launcher.nproc=2",
+             f"data.train.0.path={data / 'train'}", f"data.val={data / 'val'}", "data.lanes=2", "data.num_workers=1",
+             "parallel=zero3", "launcher.nproc=2",
              "train.seq_len=64", "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=16",
              "train.eval_every=6", "train.eval_batches=1", "task.lora.rank=4", "logging=none",
              "train.ui.progress_bar=off", "name=lora"], cwd=tmp_path)
