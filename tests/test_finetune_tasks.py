@@ -96,3 +96,16 @@ def test_freeze_layers_and_layer_lr_decay_groups() -> None:
     assert scale[id(named["blocks.2.attn.qkv.weight"])] == 0.5  # depth 3 of top 4
     assert scale[id(named["final_norm.weight"])] == 1.0
     assert len(param_groups(model, 0.1)) == 2  # no decay: the historical two groups
+
+
+def test_finetune_options_validated_before_any_process_group() -> None:
+    import pytest
+
+    from dist_llm.config.validate import ConfigError, validate
+
+    cfg = _cfg("sft", freeze_layers=9, layer_lr_decay=1.5)
+    cfg.task.lora.rank, cfg.task.lora.alpha = 4, 0.0
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=1)
+    msg = str(e.value)
+    assert "task.freeze_layers=9" in msg and "task.layer_lr_decay=1.5" in msg and "task.lora: rank=4" in msg
