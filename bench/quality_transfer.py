@@ -109,7 +109,7 @@ def finetune(data: Dict[str, Any], init: Dict[str, torch.Tensor] | None, seed: i
 
 
 def transfer_gain(work: Any, seeds: Sequence[int] = (0, 1, 2), pretrain_steps: int = 300,
-                  finetune_steps: int = 100) -> Dict[str, Any]:
+                  finetune_steps: int = 100, finetune_lr: float = 1e-3) -> Dict[str, Any]:
     """The figure: ``{"pretrained": {mean, std, runs}, "random": {...}, "transfer_gain": mean diff, ...}``."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -118,13 +118,13 @@ def transfer_gain(work: Any, seeds: Sequence[int] = (0, 1, 2), pretrain_steps: i
     state = pretrain(work, pretrain_steps)
     out: Dict[str, Any] = {}
     for arm, init in (("pretrained", state), ("random", None)):
-        runs = [finetune(data, init, s, finetune_steps) for s in seeds]
+        runs = [finetune(data, init, s, finetune_steps, lr=finetune_lr) for s in seeds]
         out[arm] = {"mean": statistics.mean(runs), "std": statistics.stdev(runs) if len(runs) > 1 else 0.0,
                     "runs": runs}
     out["transfer_gain"] = out["pretrained"]["mean"] - out["random"]["mean"]
     out["classes"] = data["train"]["classes"]
     out["chance"] = 1.0 / len(out["classes"])
-    out["setup"] = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "seeds": list(seeds),
+    out["setup"] = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "seeds": list(seeds), "finetune_lr": finetune_lr,
                     "train_rows": len(data["train"]["labels"]), "val_rows": len(data["val"]["labels"]),
                     "seq_len": SEQ_LEN, "model": "gpt2 d64 L2 H4, byte tokens"}
     out["seconds"] = round(time.time() - t0, 1)
@@ -137,8 +137,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     a = ap.parse_args()
-    r = transfer_gain(a.work, pretrain_steps=a.pretrain_steps, finetune_steps=a.finetune_steps)
+    r = transfer_gain(a.work, pretrain_steps=a.pretrain_steps, finetune_steps=a.finetune_steps,
+                      finetune_lr=a.finetune_lr)
     print(f"transfer_pretrained_accuracy {r['pretrained']['mean']:.3f} ± {r['pretrained']['std']:.3f}")
     print(f"transfer_random_accuracy {r['random']['mean']:.3f} ± {r['random']['std']:.3f}")
     print(f"transfer_gain {r['transfer_gain']:.3f}")
