@@ -145,7 +145,9 @@ PREPARE_REQUIRED = {("input", "files"): ["input.paths=[{corpus}]"],
                     ("input", "digits"): ["pack=image"],
                     ("pack", "image"): ["input=digits"],
                     ("pack", "bert"): ["tokenizer=bpe"],
-                    ("tokenizer", "file"): ["tokenizer.path={tok}", "tokenizer.eos_token='</s>'"]}
+                    ("tokenizer", "file"): ["tokenizer.path={tok}", "tokenizer.eos_token='</s>'"],
+                    ("input", "stdlib_classify"): ["pack=classify"], ("pack", "classify"): ["input=stdlib_classify"],
+                    ("pack", "sft"): ["input=files", "input.paths=[{corpus}]"]}
 
 
 def _prepare_options():

@@ -107,6 +107,18 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def _save_lora_adapter(directory: Path, weights: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
+    """With ``task.lora.rank > 0``: the adapter alone (adapter.safetensors + adapter_config.json),
+    taken from the gathered full weights, so it is real under ZeRO-3 too."""
+    lora = ((config or {}).get("task") or {}).get("lora") or {}
+    if int(lora.get("rank") or 0) <= 0:
+        return
+    from dist_llm.models.lora import LoraSpec, adapter_state_dict, save_adapter
+
+    spec = LoraSpec(**{k: lora[k] for k in ("rank", "alpha", "dropout", "target_modules", "train_also") if k in lora})
+    save_adapter(directory, adapter_state_dict(weights, spec), spec)
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, layout: ParallelLayout, keep_last: int,
                  hooks: Sequence[SaveHook] = ()):
@@ -195,6 +207,7 @@ class CheckpointManager:
         weights = engine.model_state_dict()  # collective under ZeRO-3
         if rank == 0:
             save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            _save_lora_adapter(tmp, weights, config)
         rank_file = tmp / f"rank-{rank:05d}.pt"
         torch.save({"optimizer": engine.optimizer_state(), "rng": capture_rng(), "loader": loader_state},
                    rank_file)
@@ -252,6 +265,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            _save_lora_adapter(tmp, weights, getattr(self, "config", None) or {})
             write_atomic(tmp / "info.json", json.dumps({"step": step, "val_loss": val_loss}))
             if best.exists():
                 os.rename(best, old)

@@ -45,6 +45,7 @@ class EmbeddedInput(Choice):
     none = "none"
     stdlib = "stdlib"  # the interpreter's standard-library sources
     digits = "digits"  # scikit-learn's bundled 8x8 digits
+    stdlib_classify = "stdlib_classify"  # labelled stdlib snippets: which top-level package (classify)
 
 
 class CleanStep(Choice):
@@ -65,6 +66,8 @@ class PackKind(Choice):
     causal = "causal"  # EOS-joined seq_len+1 windows
     bert = "bert"  # sentence pairs + next-sentence labels
     image = "image"  # (image, label) samples
+    classify = "classify"  # (text tokens, label id) from labelled JSONL rows
+    sft = "sft"  # prompt/response (or messages) rows, one example per window, loss mask on responses
 
 
 class PrepareEngine(Choice):
@@ -85,6 +88,10 @@ class PrepareInputConfig:
     format: InputFormat = InputFormat.auto
     txt_mode: TxtMode = TxtMode.file
     text_field: str = "text"  # jsonl / parquet column holding the document
+    label_field: str = "label"  # pack=classify: the field holding the row's class (a string or int)
+    prompt_field: str = "prompt"  # pack=sft: prompt/response rows ...
+    response_field: str = "response"
+    messages_field: str = "messages"  # ... or a list of {role, content} messages (roles user/assistant/system)
     # npy: paths name image arrays [N,H,W] or [N,H,W,C]; labels come from this .npy ([N] ints)
     npy_labels: Optional[str] = None
     embedded: EmbeddedInput = EmbeddedInput.none
@@ -151,6 +158,9 @@ class PackConfig:
     samples_per_shard: int = 1024
     random_next_prob: float = 0.5  # bert: share of pairs whose B comes from another document
     image_size: int = 0  # image: resize to image_size x image_size; 0 keeps the size (must agree)
+    # classify: a fixed label list (ids = positions); empty = the sorted labels seen in the input.
+    # With a fixed list a row with another label is malformed input.
+    labels: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -238,10 +248,14 @@ def _check_input(cfg: PrepareConfig, p: List[str]) -> None:
         if not _path_exists(path):
             p.append(f"input.paths entry {path!r} does not exist (cwd {os.getcwd()}): fix the path or glob")
     image_input = inp.format in ("images", "npy") or inp.embedded == "digits"
+    if inp.embedded == "stdlib_classify" and pack.kind != "classify":
+        p.append(f"input.embedded=stdlib_classify is a labelled task: use pack=classify (got pack.kind='{pack.kind}')")
+    if pack.kind in ("classify", "sft") and inp.format not in ("auto", "jsonl"):
+        p.append(f"pack.kind='{pack.kind}' reads JSONL rows: set input.format=jsonl (got '{inp.format}')")
     if image_input != (pack.kind == "image"):
         p.append(f"pack.kind='{pack.kind}' does not fit the input (format='{inp.format}', "
                  f"embedded='{inp.embedded}'): image inputs need pack.kind=image and text inputs "
-                 f"pack.kind=causal or bert")
+                 f"pack.kind=causal, bert, classify or sft")
     if inp.format == "npy" and not inp.npy_labels:
         p.append("input.format=npy needs input.npy_labels, a .npy file of integer labels")
     if inp.npy_labels and not os.path.isfile(inp.npy_labels):

@@ -394,12 +394,27 @@ class ClassifyTaskConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (dist_llm/models/lora.py); rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # update scale = alpha / rank
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["*attn.qkv", "*attn.proj"])  # fnmatch on module names
+    train_also: List[str] = field(default_factory=lambda: ["cls_head.*"])  # trained in full (new heads)
+
+
+@dataclass
 class TaskConfig:
     """The objective; each kind reads its own sub-section (conf/task/<kind>.yaml)."""
 
     kind: TaskKind = TaskKind.pretrain
     mlm_nsp: MlmNspTaskConfig = field(default_factory=MlmNspTaskConfig)
     classify: ClassifyTaskConfig = field(default_factory=ClassifyTaskConfig)
+    # Fine-tuning options, any task (dist_llm/train/tasks/finetune.py):
+    freeze_layers: int = 0  # freeze the embeddings and the first N blocks
+    layer_lr_decay: float = 1.0  # block i gets lr * decay^(n_layers + 1 - depth); 1.0 = off
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

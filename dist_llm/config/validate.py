@@ -138,6 +138,25 @@ def _task_problems(cfg: JobConfig) -> List[str]:
                  f"models do: set train.sample.tokens=0")
     if kind == "classify" and preset == "vit" and cfg.task.classify.max_shift < 0:
         p.append(f"task.classify.max_shift={cfg.task.classify.max_shift} must be >= 0")
+    return p + _finetune_problems(cfg)
+
+
+def _finetune_problems(cfg: JobConfig) -> List[str]:
+    """task.freeze_layers / layer_lr_decay / lora (dist_llm/train/tasks/finetune.py, models/lora.py)."""
+    t, p = cfg.task, []
+    lora = t.lora
+    if lora.rank < 0 or (lora.rank > 0 and (lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0)):
+        p.append(f"task.lora: rank={lora.rank} must be >= 0 (0 = off), alpha={lora.alpha} > 0 and "
+                 f"dropout={lora.dropout} in [0, 1)")
+    if lora.rank > 0 and not lora.target_modules:
+        p.append("task.lora.target_modules is empty: name module patterns, e.g. '[*attn.qkv,*attn.proj]'")
+    if not 0.0 < t.layer_lr_decay <= 1.0:
+        p.append(f"task.layer_lr_decay={t.layer_lr_decay} must be in (0, 1] (1 = off)")
+    if not 0 <= t.freeze_layers <= cfg.model.n_layers:
+        p.append(f"task.freeze_layers={t.freeze_layers} must be in [0, model.n_layers={cfg.model.n_layers}]")
+    if str(cfg.parallel.engine) == "megatron" and (lora.rank > 0 or t.freeze_layers or t.layer_lr_decay != 1.0):
+        p.append("task.lora / task.freeze_layers / task.layer_lr_decay need parallel.engine=deepspeed (the Megatron "
+                 "engines build their own TP model): use parallel=zero0..zero3")
     return p
 
 

@@ -11,11 +11,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dist_llm.data.shards import FORMAT, IMAGES_FORMAT, PAIRS_FORMAT, PathLike, sample_key, sha256_bytes
+from dist_llm.data.shards import (CLASSIFY_FORMAT, FORMAT, IMAGES_FORMAT, PAIRS_FORMAT, SFT_FORMAT, PathLike, sample_key,
+                                  sha256_bytes)
 
 # The members every sample of a format has, exactly (a sample with more or fewer is refused).
 MEMBERS = {FORMAT: ("tokens.npy",), PAIRS_FORMAT: ("nsp.cls", "segments.npy", "tokens.npy"),
-           IMAGES_FORMAT: ("cls", "npy")}
+           IMAGES_FORMAT: ("cls", "npy"), CLASSIFY_FORMAT: ("cls", "len", "tokens.npy"),
+           SFT_FORMAT: ("mask.npy", "tokens.npy")}
 
 
 def _tar_records(data: bytes, p: Path) -> tuple[List[tuple], List[str], set]:

@@ -45,7 +45,10 @@ from dist_llm.fileio import UnsafePathError, safe_join, sha256_file, write_atomi
 FORMAT = "dist-llm-tokens/1"
 PAIRS_FORMAT = "dist-llm-pairs/1"
 IMAGES_FORMAT = "dist-llm-images/1"
-_OTHER_FORMATS = {PAIRS_FORMAT: "BERT sentence pairs", IMAGES_FORMAT: "(image, label) samples"}
+CLASSIFY_FORMAT = "dist-llm-classify/1"
+SFT_FORMAT = "dist-llm-sft/1"
+_OTHER_FORMATS = {PAIRS_FORMAT: "BERT sentence pairs", IMAGES_FORMAT: "(image, label) samples",
+                  CLASSIFY_FORMAT: "(text, label) samples", SFT_FORMAT: "SFT examples with loss masks"}
 MANIFEST = "manifest.json"
 SAMPLE_SUFFIX = ".tokens.npy"
 

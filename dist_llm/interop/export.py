@@ -34,6 +34,19 @@ def _special_ids(tok) -> Dict[str, Optional[int]]:
     return {f"{k}_token_id": ids.get(k) for k in ("bos", "eos", "pad")}
 
 
+def _merged_lora(src: Any, weights: Dict[str, Any]) -> Dict[str, Any]:
+    """A LoRA run's weights with the adapters merged in (fp32) and task heads dropped; others as they are."""
+    from dist_llm.models.lora import ADAPTER_CONFIG, adapter_state_dict, is_adapter_param, load_adapter, merge_lora
+
+    if not any(is_adapter_param(k) for k in weights):
+        return weights
+    if not (Path(src.path) / ADAPTER_CONFIG).is_file():
+        raise InteropError(f"{src.path} holds LoRA tensors but no {ADAPTER_CONFIG}; re-save the checkpoint")
+    _, spec = load_adapter(src.path)
+    merged = merge_lora(weights, adapter_state_dict(weights, spec), spec)
+    return {k: v for k, v in merged.items() if not k.startswith("cls_head.")}
+
+
 def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_tokenizer: bool = True,
               overwrite: bool = False) -> Dict[str, Any]:
     """Write the Hugging Face export of ``source`` (a checkpoint, ``best/`` or run dir) to ``out_dir``."""
@@ -59,7 +72,7 @@ def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_t
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    hf_state = adapter.state_dict_to_hf(load_source_weights(src, cfg), cfg)
+    hf_state = adapter.state_dict_to_hf(_merged_lora(src, load_source_weights(src, cfg)), cfg)
     save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     specials = _special_ids(tok)
     hf_config = {**adapter.config_to_hf(cfg), **specials, "dtype": "float32"}

@@ -185,9 +185,14 @@ def resolve_init_from(model_cfg: ModelConfig) -> Tuple[ModelConfig, Dict[str, to
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into the plain model; a shape/name mismatch names the source."""
     try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise InteropError(f"model.init_from={source}: its weights do not fit the model: {e}") from e
+    # fine-tuning adds parameters a pretrained source cannot have: a task head and LoRA adapters
+    missing = [k for k in missing if not (k.startswith("cls_head.") or k.endswith((".lora_A", ".lora_B")))]
+    if missing or unexpected:
+        raise InteropError(f"model.init_from={source}: its weights do not fit the model: missing keys "
+                           f"{missing[:5]}, unexpected keys {list(unexpected)[:5]}")
 
 
 PROBE = "def main(argv):\n    return {'héllo wörld': [1, 2, 3]}  # ✓\n"

@@ -52,13 +52,39 @@ def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """No weight decay on biases, norms and other 1-D parameters (standard GPT practice)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def layer_index(name: str, n_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: 0 = embeddings, i + 1 = block i, and
+    ``n_layers + 1`` for everything after the blocks (final norm, heads)."""
+    parts = name.split(".")
+    if parts[0] in ("blocks", "layers") and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    if parts[0] in ("tok_emb", "pos_emb", "type_emb", "emb_norm"):
+        return 0
+    return n_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> List[Dict[str, Any]]:
+    """No weight decay on biases, norms and other 1-D parameters (standard GPT practice).
+
+    ``layer_lr_decay`` < 1 (fine-tuning, ``task.layer_lr_decay``): one group per depth, each with
+    ``lr_scale = decay ** (top - depth)`` (embeddings deepest-scaled, heads at 1.0), which
+    :func:`train_micro_batches` multiplies into the step's lr. Frozen parameters are left out, so
+    the optimizer holds no state for them (LoRA, ``task.freeze_layers``)."""
+    n_layers = len(getattr(model, "blocks", None) or getattr(model, "layers", None) or [])
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = layer_index(name, n_layers) if layer_lr_decay != 1.0 else 0
+        decay = p.dim() >= 2
+        g = groups.setdefault((depth, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                               "lr_scale": layer_lr_decay ** (n_layers + 1 - depth)
+                                               if layer_lr_decay != 1.0 else 1.0})
+        g["params"].append(p)
+    if layer_lr_decay == 1.0:  # the historical two groups, in order (checkpoints keep loading)
+        return [groups.get((0, True), {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0}),
+                groups.get((0, False), {"params": [], "weight_decay": 0.0, "lr_scale": 1.0})]
+    return [groups[k] for k in sorted(groups)]
 
 
 # Reduces (local loss sum, local "some gradient is non-finite" flag) over the ranks whose numbers
@@ -81,7 +107,7 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     counts as non-finite. The loss sum stays on the device until that all-reduce.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     total = torch.zeros((), dtype=torch.float64, device=device)
     n = len(micro_batches)
     for i, mb in enumerate(micro_batches):

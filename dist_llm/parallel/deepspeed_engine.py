@@ -83,7 +83,7 @@ class DeepSpeedEngine(Engine):
         if cfg.parallel.precision == "bf16":
             model = model.to(torch.bfloat16)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.task.layer_lr_decay), config=self.ds_config,
             dist_init_required=False)
         self.device = layout.device
         self.task = task

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Protocol, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Protocol, Tuple, Type
 
 import numpy as np
 
 from dist_llm.config.prepare_schema import PackKind, PrepareConfig
-from dist_llm.data.shards import (IMAGES_FORMAT, PAIRS_FORMAT, _npy_bytes, dtype_for_vocab, sample_key, sha256_bytes,
+from dist_llm.data.shards import (CLASSIFY_FORMAT, IMAGES_FORMAT, SFT_FORMAT, PAIRS_FORMAT, _npy_bytes, dtype_for_vocab, sample_key, sha256_bytes,
                                   sha256_file, token_manifest, token_members, write_shard)
 from dist_llm.prepare.plan import BadInputError, ShardJob, ShardSource, doc_jobs
 from dist_llm.prepare.tokenize import build_tokenizer, special_ids, vocab_size
@@ -194,10 +194,106 @@ class ImagePacker:
         return {}
 
 
+class ClassifyPacker(_TextPacker):
+    """``(tokens[seq_len], length, label id)`` per labelled row. Tokens are the text's ids, with
+    ``[CLS] ... [SEP]`` around them when the tokenizer has those (BERT reads ``[CLS]``; a GPT
+    reads the last real token, ``length - 1``), truncated to ``seq_len`` and padded with pad.
+    Label ids index ``classes``: ``pack.labels`` when given, else the sorted labels of both splits."""
+
+    def __init__(self, cfg: PrepareConfig, tok_meta: Dict[str, Any], classes: List[str], src: ShardSource) -> None:
+        super().__init__(cfg, tok_meta, classes, src)
+        seen = sorted({str(x) for d in self.docs.values() for x in d.get("label", np.zeros(0, str)).tolist()})
+        self.classes = [str(x) for x in cfg.pack.labels] or seen
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        self.wrap = "cls" in self.sp and "sep" in self.sp
+
+    def jobs(self, split: str) -> List[ShardJob]:
+        d = self.docs[split]
+        return doc_jobs(split, d, self.per_shard, np.ones(len(d["ntok"]), np.int64))
+
+    def encode(self, toks: np.ndarray) -> Tuple[np.ndarray, int, bool]:
+        """Padded ids, real length, whether the text was truncated."""
+        L = self.seq_len
+        room = L - 2 if self.wrap else L
+        body = toks[:room].tolist()
+        ids = [self.sp["cls"], *body, self.sp["sep"]] if self.wrap else body
+        n = len(ids)
+        return np.array(ids + [self.sp["pad"]] * (L - n), dtype=self.dtype), n, len(toks) > room
+
+    def write(self, job: ShardJob) -> Dict[str, Any]:
+        D, members, cut = self.docs[job.split], [], 0
+        counts = np.zeros(len(self.classes), np.int64)
+        for d in range(job.lo, job.hi):
+            ids, n, trunc = self.encode(self.src.doc_tokens(job.split, d))
+            label = self.index[str(D["label"][d])]
+            counts[label] += 1
+            cut += trunc
+            key = sample_key(d)
+            members += [(f"{key}.tokens.npy", _npy_bytes(ids)), (f"{key}.len", str(n).encode()),
+                        (f"{key}.cls", str(label).encode())]
+        entry = write_shard(self.src.out / job.split, job.index, members, job.hi - job.lo)
+        return {**entry, "num_documents": job.hi - job.lo, "num_tokens": int(D["ntok"][job.lo:job.hi].sum()),
+                "num_truncated": cut, "label_counts": counts.tolist()}
+
+    def manifest(self, split: str, shards: List[Dict[str, Any]], extra: Dict[str, Any]) -> Dict[str, Any]:
+        counts = np.sum([s["label_counts"] for s in shards], axis=0).tolist() if shards else [0] * len(self.classes)
+        return {"format": CLASSIFY_FORMAT, "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+                "extra": extra, "seq_len": self.seq_len, "dtype": self.dtype, "vocab_size": self.vocab,
+                "tokenizer": self.tok_meta, "special_ids": self.sp, "classes": self.classes,
+                "label_counts": dict(zip(self.classes, counts)), "cls_token": self.wrap,
+                "num_tokens": sum(s["num_tokens"] for s in shards),
+                "num_truncated": sum(s["num_truncated"] for s in shards)}
+
+
+class SftPacker(_TextPacker):
+    """One example per ``seq_len + 1`` window: ``tokens`` (padded with pad) and ``mask`` (1 =
+    a response token, the only targets trained on). One example per window, never several, so
+    no example attends to another (see docs/model-path.md for why not block-diagonal packing).
+    An example longer than the window is cut at its end; one left without any response token
+    is dropped and counted (``num_dropped_too_long``)."""
+
+    def jobs(self, split: str) -> List[ShardJob]:
+        d = self.docs[split]
+        return doc_jobs(split, d, self.per_shard, np.ones(len(d["ntok"]), np.int64))
+
+    def write(self, job: ShardJob) -> Dict[str, Any]:
+        D, L, members = self.docs[job.split], self.seq_len + 1, []
+        cut = dropped = n = resp = 0
+        pad = self.sp.get("pad", self.sp.get("eos", 0))
+        for d in range(job.lo, job.hi):
+            o, k = int(D["off"][d]), int(D["ntok"][d])
+            toks = self.src.doc_tokens(job.split, d)[:L]
+            mask = np.asarray(self.src.array(int(D["part"][d]), "mask")[o:o + k])[:L]
+            cut += k > L
+            if not mask[1:].any():  # position 0 is never a target
+                dropped += 1
+                continue
+            ids = np.full(L, pad, dtype=self.dtype)
+            ids[:len(toks)] = toks
+            m = np.zeros(L, np.uint8)
+            m[:len(mask)] = mask
+            resp += int(m[1:].sum())
+            key = sample_key(d)
+            members += [(f"{key}.tokens.npy", _npy_bytes(ids)), (f"{key}.mask.npy", _npy_bytes(m))]
+            n += 1
+        entry = write_shard(self.src.out / job.split, job.index, members, n)
+        return {**entry, "num_documents": job.hi - job.lo, "num_tokens": n * L, "num_truncated": cut,
+                "num_dropped_too_long": dropped, "num_response_tokens": resp}
+
+    def manifest(self, split: str, shards: List[Dict[str, Any]], extra: Dict[str, Any]) -> Dict[str, Any]:
+        total = {k: sum(s[k] for s in shards) for k in ("num_samples", "num_tokens", "num_truncated",
+                                                         "num_dropped_too_long", "num_response_tokens")}
+        return {"format": SFT_FORMAT, "shards": shards, "extra": extra, "seq_len": self.seq_len,
+                "sample_len": self.seq_len + 1, "dtype": self.dtype, "vocab_size": self.vocab,
+                "tokenizer": self.tok_meta, "special_ids": self.sp, **total}
+
+
 PACKERS: Dict[PackKind, Type[Packer]] = {
     PackKind.causal: CausalPacker,
     PackKind.bert: BertPacker,
     PackKind.image: ImagePacker,
+    PackKind.classify: ClassifyPacker,
+    PackKind.sft: SftPacker,
 }
 
 
@@ -206,4 +302,5 @@ def packer_class(kind: Any) -> Type[Packer]:
     return PACKERS[PackKind(kind)]
 
 
-__all__ = ["Packer", "CausalPacker", "BertPacker", "ImagePacker", "PACKERS", "packer_class"]
+__all__ = ["Packer", "CausalPacker", "BertPacker", "ImagePacker", "ClassifyPacker", "SftPacker", "PACKERS",
+           "packer_class"]

@@ -64,6 +64,11 @@ def resolve_inputs(cfg: PrepareConfig, work: Path) -> Tuple[List[InputFile], Lis
     inp = cfg.input
     if inp.embedded == "stdlib":
         return stdlib_files(inp.embedded_max_bytes), [], None
+    if inp.embedded == "stdlib_classify":
+        from dist_llm.prepare.labelled import write_stdlib_classify
+
+        path = write_stdlib_classify(work / "stdlib-classify.jsonl", seed=cfg.seed)
+        return [InputFile(str(path), "jsonl", size=path.stat().st_size)], [], None
     if inp.embedded == "digits":
         from sklearn.datasets import load_digits
 

@@ -172,13 +172,14 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
             offs = np.concatenate([[0], np.cumsum(m["ntok"][cand])])[:-1][dec.keep]
             rows = cand[dec.keep]
             ntok = m["ntok"][rows]
-            nsent = sent_start = None
+            nsent = sent_start = labels = None
         else:  # tokens of the kept documents only, in order
             with np.load(work / "parts" / f"{name}.tok.npz") as z:
                 t = {k: z[k] for k in z.files}
             ntok = t["ntok"]
             offs = np.concatenate([[0], np.cumsum(ntok)])[:-1]
             nsent = t.get("nsent")
+            labels = t.get("label")  # pack=classify: the kept rows' label strings
             sent_start = np.concatenate([[0], np.cumsum(nsent)])[:-1] if nsent is not None else None
         for split, sel in (("train", ~dec.is_val), ("val", dec.is_val)):
             k = int(sel.sum())
@@ -188,6 +189,8 @@ def layout(cfg: Any, work: Path, parts: List[str], decisions: List[Decision]) ->
             if sent_start is not None:
                 cols.append(split, "sent_start", sent_start[sel])
                 cols.append(split, "nsent", nsent[sel])
+            if not image and labels is not None:
+                cols.append(split, "label", labels[sel])
             if image:
                 cols.append(split, "shape", m["shape"][rows[sel]])
                 cols.append(split, "label", m["label"][rows[sel]])

@@ -36,6 +36,7 @@ from dist_llm.prepare.filters import QualityFilter
 from dist_llm.prepare.readers import InputFile, Record, read_unit
 
 CANDIDATE, MALFORMED, FILTERED0 = 0, 1, 2
+_EOS_TEXT = "<|eos|>"  # stands for the EOS id in rendered chats (see labelled.encode_segments)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -147,10 +148,26 @@ class Worker:
     def texts(self, records: Sequence[Record], paths: Sequence[str]) -> List[Tuple[Optional[str], str]]:
         """Cleaned text (or None and the reason) per record; used for tokenizer training too."""
         out = []
+        structured = self.cfg.pack.kind in ("classify", "sft")
         for fi, _, _, payload in records:
-            text, why = self._text(payload, paths[fi])
-            out.append((None, why) if text is None else (self.clean(text), ""))
+            text, why = self._row(payload, paths[fi]) if structured else self._text(payload, paths[fi])
+            out.append((None, why) if text is None else (text if structured else self.clean(text), ""))
         return out
+
+    def _row(self, payload: Any, path: str) -> Tuple[Optional[str], str]:
+        """A classify/sft JSONL row as one canonical JSON document (fields cleaned), or the reason."""
+        from dist_llm.prepare.labelled import parse_row, serialize
+
+        if payload is None:
+            return None, "empty file"
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, f"invalid UTF-8 at byte {e.start}"
+        except ValueError as e:
+            return None, f"broken JSON ({e.msg} at column {e.colno})"
+        row, why = parse_row(obj, self.cfg)
+        return (None, why) if row is None else (serialize(row, self.clean), "")
 
     # -- one chunk ----------------------------------------------------------------------------
     def run_text(self, name: str, records: Sequence[Record], paths: Sequence[str]) -> Dict[str, Any]:
@@ -206,6 +223,7 @@ class Worker:
         """Phase A2: tokenize the candidates ``keep`` (indices among the part's candidates, ascending)."""
         assert self.tok is not None
         parts = self.parts
+        self.current = name
         with np.load(parts / f"{name}.meta.npz") as z:
             off = z["text_off"]
         blob = np.load(parts / f"{name}.text.npy").tobytes()
@@ -226,11 +244,38 @@ class Worker:
             np.cumsum(sent_len, out=csum[1:])
             ntok = csum[bounds[1:]] - csum[bounds[:-1]]
             arrays.update(nsent=nsent, sent_len=sent_len)
+        elif self.cfg.pack.kind in ("classify", "sft"):
+            flat, ntok = self._tokenize_rows(texts, arrays)
         else:
             flat, ntok = _flatten(self.tok.encode_batch(texts))
         _atomic_np(parts / f"{name}.tokens.npy", lambda f: np.save(f, flat, allow_pickle=False))
         _atomic_np(parts / f"{name}.tok.npz", lambda f: np.savez(f, ntok=ntok, **arrays))
         return {"documents": len(texts), "tokens": int(ntok.sum())}
+
+    def _tokenize_rows(self, texts: Sequence[str], arrays: Dict[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """classify: the text's ids (+ ``label`` strings in ``arrays``); sft: the rendered chat's
+        ids (+ its loss mask, written as ``<part>.mask.npy`` beside the tokens)."""
+        from dist_llm.prepare import labelled
+
+        rows = [json.loads(t) for t in texts]
+        if self.cfg.pack.kind == "classify":
+            arrays["label"] = labelled.label_array([r["label"] for r in rows])
+            return _flatten(self.tok.encode_batch([r["text"] for r in rows]))
+        tc = self.cfg.tokenizer
+        template = labelled.chat_template(tc.path if tc.kind == "file" else None)
+        eos = getattr(self.tok, "eos_id", None)
+        if eos is None:
+            eos = getattr(self.tok, "special_ids", {}).get("eos")
+        enc, masks = [], []
+        for r in rows:
+            ids, mask = labelled.encode_segments(
+                self.tok, labelled.render_segments(r["messages"], template, _EOS_TEXT), _EOS_TEXT, eos)
+            enc.append(ids)
+            masks.append(mask)
+        flat, ntok = _flatten(enc)
+        mflat = np.array([x for m in masks for x in m], dtype=np.uint8)
+        _atomic_np(self.parts / f"{self.current}.mask.npy", lambda f: np.save(f, mflat, allow_pickle=False))
+        return flat, ntok
 
     def run_images(self, name: str, records: Sequence[Record], paths: Sequence[str]) -> Dict[str, Any]:
         n = len(records)
