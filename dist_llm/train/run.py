@@ -103,17 +103,18 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
 
     from dist_llm.checkpoint.manager import CheckpointManager
     from dist_llm.data import TrainLoader, ValLoader
-    from dist_llm.models import build_model, flops_per_token
     from dist_llm.observability import build_logger, make_progress
     from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
     from dist_llm.train.debug import debug_callbacks
+    from dist_llm.train.tasks import build_task
     from dist_llm.train.trainer import Trainer
 
     if not torch.cuda.is_available():
         # Split the cores between the local ranks instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(le.local_world_size, 1)))
+    task = build_task(cfg)  # before any process group: an unknown kind fails here
     layout = init_layout(cfg.parallel, le)
     try:
         if cfg.data.build_embedded:
@@ -135,18 +136,18 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
                                    tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums)
 
         _seed_all(tr.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model)
+        model = task.build_model(cfg)
         if init_state is not None:  # before the engine: every engine (ZeRO, Megatron TP/PP) takes it from here
             from dist_llm.interop.init_from import load_into
 
             load_into(model, init_state, cfg.model.init_from)
-        engine = build_engine(cfg, model, layout)
+        engine = build_engine(cfg, model, layout, task=task)
         _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
 
         config_dict = config_to_dict(cfg)
         logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
         callbacks = [
-            MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
+            MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
             *debug_callbacks(cfg.debug),
