@@ -22,6 +22,7 @@ REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight
             ("parallel", "pp2_vpp2"): ["launcher.nproc=2", "model.n_layers=4"],
             ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"],
             ("task", "mlm_nsp"): ["model=bert_tiny"], ("task", "classify"): ["model=vit_digits"],
+            ("task", "distill"): ["task.distill.teacher=runs/teacher"],
             ("model", "bert_tiny"): ["task=mlm_nsp"], ("model", "bert_small"): ["task=mlm_nsp"],
             ("model", "vit_digits"): ["task=classify"]}
 
