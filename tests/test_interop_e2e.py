@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from interop_fixtures import VOCAB, hf_llama, train_hf_tokenizer, write_shards  # noqa: E402
 
-from dist_llm.data.shards import read_manifest, read_shard  # noqa: E402
+from dist_llm.data.shard_scan import read_shard  # noqa: E402
+from dist_llm.data.shards import read_manifest  # noqa: E402
 from dist_llm.interop.tokenizer import tokenizer_from_hf_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
