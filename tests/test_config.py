@@ -24,6 +24,7 @@ REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight
             # the faulty rank of the hang and nonfinite presets is rank 1: a 2-rank job
             ("debug", "hang"): ["launcher.nproc=2"], ("debug", "nonfinite"): ["launcher.nproc=2"],
             ("task", "mlm_nsp"): ["model=bert_tiny"], ("task", "classify"): ["model=vit_digits"],
+            ("task", "distill"): ["task.distill.teacher=runs/teacher"],
             ("model", "bert_tiny"): ["task=mlm_nsp"], ("model", "bert_small"): ["task=mlm_nsp"],
             ("model", "vit_digits"): ["task=classify"]}
 

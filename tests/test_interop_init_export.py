@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from interop_fixtures import TEXT, VOCAB, hf_gpt2, hf_llama, train_hf_tokenizer, write_shards  # noqa: E402
 
-from dist_llm.checkpoint.manager import CheckpointManager  # noqa: E402
+from dist_llm.checkpoint.manager import CheckpointManager
+from dist_llm.parallel.engine import Engine  # noqa: E402
 from dist_llm.cli.main import main as cli_main  # noqa: E402
 from dist_llm.config.schema import DataConfig, DatasetSource, JobConfig, ModelConfig  # noqa: E402
 from dist_llm.config.store import config_to_dict  # noqa: E402

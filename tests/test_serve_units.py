@@ -116,7 +116,7 @@ def test_loader_accepts_checkpoint_best_and_run_dirs_and_rejects_the_rest(tmp_pa
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(NotImplementedError, match="after interop lands"):
+    with pytest.raises(ModelLoadError, match="no tokenizer.json"):  # routed to the HF loader
         load_for_serving(ServeConfig(model_path=str(hf)))
     shutil.rmtree(tmp_path / "data")
     with pytest.raises(ModelLoadError, match="--tokenizer-dir"):

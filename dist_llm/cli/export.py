@@ -10,7 +10,8 @@ from typing import List
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="dist-llm export", description=(
         "Export one of our checkpoints (step-N/, best/ or a run dir: its latest checkpoint) for another "
-        "ecosystem. --format hf: a transformers directory (GPT2LMHeadModel / LlamaForCausalLM)."))
+        "ecosystem. --format hf: a transformers directory (GPT2LMHeadModel / LlamaForCausalLM / "
+        "BertForPreTraining / ViTForImageClassification)."))
     parser.add_argument("source", help="checkpoint directory, best/ or run directory")
     parser.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face)")
     parser.add_argument("--out", required=True, help="output directory")

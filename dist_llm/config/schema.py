@@ -405,12 +405,23 @@ class LoraConfig:
 
 
 @dataclass
+class DistillTaskConfig:
+    """``task=distill``: the student (``model.*``) learns from a frozen teacher."""
+
+    teacher: Optional[str] = None  # our checkpoint/run/best dir or a Hugging Face directory (model.init_from rules)
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T^2
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * next-token CE
+    teacher_dtype: str = "auto"  # auto = bf16 where the device supports it (CUDA), else fp32; or fp32 | bf16
+
+
+@dataclass
 class TaskConfig:
     """The objective; each kind reads its own sub-section (conf/task/<kind>.yaml)."""
 
     kind: TaskKind = TaskKind.pretrain
     mlm_nsp: MlmNspTaskConfig = field(default_factory=MlmNspTaskConfig)
     classify: ClassifyTaskConfig = field(default_factory=ClassifyTaskConfig)
+    distill: DistillTaskConfig = field(default_factory=DistillTaskConfig)
     # Fine-tuning options, any task (dist_llm/train/tasks/finetune.py):
     freeze_layers: int = 0  # freeze the embeddings and the first N blocks
     layer_lr_decay: float = 1.0  # block i gets lr * decay^(n_layers + 1 - depth); 1.0 = off

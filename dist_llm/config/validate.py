@@ -138,6 +138,8 @@ def _task_problems(cfg: JobConfig) -> List[str]:
                  f"models do: set train.sample.tokens=0")
     if kind == "classify" and preset == "vit" and cfg.task.classify.max_shift < 0:
         p.append(f"task.classify.max_shift={cfg.task.classify.max_shift} must be >= 0")
+    if kind == "distill":
+        p += _distill_problems(cfg)
     return p + _finetune_problems(cfg)
 
 
@@ -157,6 +159,21 @@ def _finetune_problems(cfg: JobConfig) -> List[str]:
     if str(cfg.parallel.engine) == "megatron" and (lora.rank > 0 or t.freeze_layers or t.layer_lr_decay != 1.0):
         p.append("task.lora / task.freeze_layers / task.layer_lr_decay need parallel.engine=deepspeed (the Megatron "
                  "engines build their own TP model): use parallel=zero0..zero3")
+    return p
+
+
+def _distill_problems(cfg: JobConfig) -> List[str]:
+    d, p = cfg.task.distill, []
+    if str(cfg.model.preset) not in ("gpt2", "llama"):
+        p.append(f"task=distill trains a causal LM student (model.preset gpt2|llama), got {cfg.model.preset}")
+    if not d.teacher:
+        p.append("task=distill needs task.distill.teacher=<our checkpoint/run dir or a Hugging Face directory>")
+    if not d.temperature > 0:
+        p.append(f"task.distill.temperature={d.temperature} must be > 0")
+    if not 0.0 <= d.alpha <= 1.0:
+        p.append(f"task.distill.alpha={d.alpha} must be in [0, 1] (weight of the KL term; 1 - alpha on the CE)")
+    if d.teacher_dtype not in ("auto", "fp32", "bf16"):
+        p.append(f"task.distill.teacher_dtype={d.teacher_dtype!r} must be auto, fp32 or bf16")
     return p
 
 

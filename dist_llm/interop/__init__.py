@@ -17,11 +17,15 @@ from types import ModuleType
 HF_ADAPTERS = {
     "gpt2": "dist_llm.interop.gpt2",
     "llama": "dist_llm.interop.llama",
+    "bert": "dist_llm.interop.bert",
+    "vit": "dist_llm.interop.vit",
 }
 # our ModelConfig.preset -> adapter module (export direction).
 PRESET_ADAPTERS = {
     "gpt2": "dist_llm.interop.gpt2",
     "llama": "dist_llm.interop.llama",
+    "bert": "dist_llm.interop.bert",
+    "vit": "dist_llm.interop.vit",
 }
 
 

@@ -13,11 +13,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from dist_llm.config.schema import EncoderConfig, ModelConfig
+from dist_llm.interop import InteropError
+
 PathLike = Union[str, Path]
 NameMap = List[Tuple[str, List[str]]]
 
 
-class HFImportError(ValueError):
+class HFImportError(InteropError):
     """An HF directory we cannot import: names the file/field and says the fix."""
 
 
@@ -119,3 +122,34 @@ def layer_indices(hf: Dict[str, torch.Tensor], prefix: str) -> Optional[int]:
     """How many layers ``{prefix}{i}.`` keys describe (None when there are none)."""
     idx = {int(k[len(prefix):].split(".", 1)[0]) for k in hf if k.startswith(prefix)}
     return max(idx) + 1 if idx else None
+
+
+def model_config_from_encoder(enc: EncoderConfig) -> ModelConfig:
+    """The ``model.*`` (preset bert/vit) for an encoder config: the inverse of
+    ``dist_llm.models.encoder_config``, so HF BERT/ViT directories plug into ``model.init_from``
+    and our bert/vit checkpoints into ``dist-llm export``."""
+    return ModelConfig(preset=str(enc.arch.value if hasattr(enc.arch, "value") else enc.arch),
+                       n_layers=enc.n_layers, n_heads=enc.n_heads, d_model=enc.d_model,
+                       d_ff=enc.d_ff or 4 * enc.d_model, dropout=enc.dropout, norm_eps=enc.norm_eps,
+                       init_std=enc.init_std, bias=bool(enc.qkv_bias), vocab_size=enc.vocab_size,
+                       max_seq_len=enc.max_seq_len, type_vocab_size=enc.type_vocab_size,
+                       image_size=enc.image_size, patch_size=enc.patch_size, num_channels=enc.num_channels,
+                       num_classes=enc.num_classes)
+
+
+def fill_missing_heads(state: Dict[str, torch.Tensor], missing: Sequence[str], cfg: ModelConfig,
+                       source: str) -> Dict[str, torch.Tensor]:
+    """Task heads a base-model save lacks (``BertModel``, ``ViTModel``) start from a fresh init
+    drawn from a fixed seed, so every rank gets the same tensors without a broadcast."""
+    if not missing:
+        return state
+    from dist_llm.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = build_model(cfg).state_dict()
+    import logging
+
+    logging.getLogger(__name__).warning("%s: no %s in the checkpoint; those heads start from a fresh init",
+                                        source, ", ".join(missing))
+    return {**state, **{k: fresh[k].clone() for k in missing}}

@@ -13,9 +13,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from dist_llm.config.schema import EncoderArch, EncoderConfig
+from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
 from dist_llm.interop._common_enc import (
-    HFImportError, NameMap, PathLike, export_state, import_state, layer_indices, load_into,
+    HFImportError, NameMap, fill_missing_heads, model_config_from_encoder, PathLike, export_state, import_state, layer_indices, load_into,
     read_hf_config, read_hf_weights, require, strip_prefix, write_hf_weights,
 )
 from dist_llm.models.bert import Bert
@@ -24,7 +24,7 @@ HEADS = ("pooler.weight", "pooler.bias", "mlm_dense.weight", "mlm_dense.bias", "
          "mlm_norm.bias", "mlm_bias", "nsp.weight", "nsp.bias")
 
 
-def config_from_hf(hf: Dict, file: Path = Path("config.json")) -> EncoderConfig:
+def encoder_config_from_hf(hf: Dict, file: Path = Path("config.json")) -> EncoderConfig:
     """Our encoder config for an HF BERT ``config.json`` dict; unsupported options raise."""
     require(hf, file, "hidden_act", ["gelu"], "gelu")
     require(hf, file, "position_embedding_type", ["absolute"], "absolute")
@@ -68,23 +68,27 @@ def name_map(n_layers: int) -> NameMap:
     return m
 
 
+def _our_state(hf: Dict[str, torch.Tensor], n_layers: int, source: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """HF tensors (task class or base-model names) -> (our state dict, missing head names)."""
+    for marker in ("embeddings.", "encoder.", "pooler."):
+        hf = strip_prefix(hf, "bert.", marker)
+    found = layer_indices(hf, "bert.encoder.layer.")
+    if found is not None and found != n_layers:
+        raise HFImportError(f"{source}: config.json says num_hidden_layers={n_layers} but the weights hold "
+                            f"{found} layers")
+    dec = hf.get("cls.predictions.decoder.weight")
+    if dec is not None and not torch.equal(dec, hf["bert.embeddings.word_embeddings.weight"]):
+        raise HFImportError(f"{source}: cls.predictions.decoder.weight differs from the word embeddings (untied "
+                            f"MLM decoder); our BERT ties them, so this checkpoint cannot be imported")
+    return import_state(name_map(n_layers), hf, optional=HEADS, source=source)
+
+
 def load_hf_bert(path: PathLike) -> Tuple[Bert, List[str]]:
     """``(model, missing)``: our BERT with the weights of the HF directory ``path``; ``missing``
     lists head tensors the checkpoint lacks (a ``BertModel`` save), left at their init."""
     d = Path(path)
-    cfg = config_from_hf(read_hf_config(d, "bert"), d / "config.json")
-    hf = strip_prefix(read_hf_weights(d), "bert.", "embeddings.")
-    hf = strip_prefix(hf, "bert.", "encoder.")
-    hf = strip_prefix(hf, "bert.", "pooler.")
-    found = layer_indices(hf, "bert.encoder.layer.")
-    if found is not None and found != cfg.n_layers:
-        raise HFImportError(f"{d}: config.json says num_hidden_layers={cfg.n_layers} but the weights hold "
-                            f"{found} layers")
-    dec = hf.get("cls.predictions.decoder.weight")
-    if dec is not None and not torch.equal(dec, hf["bert.embeddings.word_embeddings.weight"]):
-        raise HFImportError(f"{d}: cls.predictions.decoder.weight differs from the word embeddings (untied "
-                            f"MLM decoder); our BERT ties them, so this checkpoint cannot be imported")
-    state, missing = import_state(name_map(cfg.n_layers), hf, optional=HEADS, source=str(d))
+    cfg = encoder_config_from_hf(read_hf_config(d, "bert"), d / "config.json")
+    state, missing = _our_state(read_hf_weights(d), cfg.n_layers, str(d))
     model = Bert(cfg)
     load_into(model, state, str(d))
     return model, missing
@@ -112,3 +116,34 @@ def save_hf_bert(model: Bert, out_dir: PathLike) -> Path:
     write_hf_weights(d, export_state(name_map(model.cfg.n_layers), model.state_dict()))
     BertConfig(**hf_config(model.cfg)).save_pretrained(str(d))
     return d
+
+
+# --- the registry interface (dist_llm/interop/__init__.py): model.init_from and dist-llm export ---
+MODEL_TYPE = "bert"
+ARCHITECTURE = "BertForPreTraining"
+
+
+def config_from_hf(hf: Dict, source: str = "config.json") -> ModelConfig:
+    """``model.*`` (preset bert) for an HF BERT ``config.json`` dict."""
+    return model_config_from_encoder(encoder_config_from_hf(hf, Path(source)))
+
+
+def config_to_hf(cfg: ModelConfig) -> Dict:
+    """A ``config.json`` dict for ``BertForPreTraining`` (dropouts 0: an export is for inference)."""
+    from transformers import BertConfig
+
+    from dist_llm.models import encoder_config
+
+    enc = encoder_config(cfg)
+    if not enc.qkv_bias:
+        raise HFImportError("model.bias=False has no HF BERT equivalent; export needs attention biases")
+    return BertConfig(**{**hf_config(enc), "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}).to_dict()
+
+
+def state_dict_from_hf(sd: Dict[str, torch.Tensor], cfg: ModelConfig, source: str = "state dict") -> Dict[str, torch.Tensor]:
+    state, missing = _our_state(sd, cfg.n_layers, source)
+    return fill_missing_heads(state, missing, cfg, source)
+
+
+def state_dict_to_hf(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    return export_state(name_map(cfg.n_layers), sd)

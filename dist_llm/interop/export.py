@@ -12,9 +12,26 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from dist_llm.config.schema import ModelConfig
 from dist_llm.interop import InteropError, adapter_for_preset
 from dist_llm.interop.init_from import load_source_weights, locate, source_tokenizer
 from dist_llm.models.gpt import resolve_model_config
+
+
+DECODERS = ("gpt2", "llama")
+
+
+def _resolved(cfg: ModelConfig) -> ModelConfig:
+    """Derived fields filled in and validated: the decoder's resolver, the encoders' own checks."""
+    if str(cfg.preset) in DECODERS:
+        return resolve_model_config(cfg)
+    from dist_llm.models import encoder_config
+
+    try:
+        encoder_config(cfg).validate()
+    except ValueError as e:
+        raise InteropError(f"dist-llm export: the checkpoint's model config is not a valid encoder: {e}") from e
+    return cfg
 
 
 def _tokenizer_from_path(path: str):
@@ -57,8 +74,10 @@ def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_t
     src = locate(source, what="dist-llm export source")
     if src.kind != "ours":
         raise InteropError(f"{source} is already a Hugging Face directory ({src.config_file}); nothing to export")
-    cfg = resolve_model_config(src.model_cfg)
-    adapter = adapter_for_preset(cfg.preset)
+    cfg = _resolved(src.model_cfg)
+    adapter = adapter_for_preset(str(cfg.preset))
+    if str(cfg.preset) == "vit":  # images: no tokenizer, nothing to generate
+        with_tokenizer, tokenizer = False, None
     tok = _tokenizer_from_path(tokenizer) if tokenizer else (source_tokenizer(src) if with_tokenizer else None)
     if with_tokenizer and tok is None:
         raise InteropError(f"no tokenizer found for {source} (its config's data paths and model.init_from have "
@@ -77,8 +96,9 @@ def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_t
     specials = _special_ids(tok)
     hf_config = {**adapter.config_to_hf(cfg), **specials, "dtype": "float32"}
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    generation = {**specials, "transformers_version": hf_config.get("transformers_version")}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
+    if str(cfg.preset) in DECODERS:  # encoders do not generate: no generation_config.json
+        generation = {**specials, "transformers_version": hf_config.get("transformers_version")}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
     if tok is not None:
         export_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len)
     if out.exists():

@@ -28,7 +28,8 @@ from dist_llm.config.schema import ModelConfig
 from dist_llm.interop import InteropError, adapter_for_model_type
 
 ARCH_FIELDS = ("preset", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff", "max_seq_len", "vocab_size",
-               "bias", "tie_embeddings", "norm_eps", "rope_theta", "head_dim")
+               "bias", "tie_embeddings", "norm_eps", "rope_theta", "head_dim",
+               "type_vocab_size", "image_size", "patch_size", "num_channels", "num_classes")  # bert/vit
 
 
 @dataclasses.dataclass
@@ -148,7 +149,8 @@ def load_source_weights(src: Source, cfg: ModelConfig) -> Dict[str, torch.Tensor
         raise InteropError(f"{weights} is missing: a checkpoint saved only in the sharded Megatron format "
                            f"cannot be used as model.init_from; use a checkpoint with full weights")
     sd = load_file(str(weights))
-    if cfg.tie_embeddings is not False and "lm_head.weight" not in sd and "tok_emb.weight" in sd:
+    if (str(cfg.preset) in ("gpt2", "llama") and cfg.tie_embeddings is not False
+            and "lm_head.weight" not in sd and "tok_emb.weight" in sd):
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     return sd
 

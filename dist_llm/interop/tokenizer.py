@@ -118,3 +118,80 @@ def export_tokenizer(tok: AnyTokenizer, out_dir: Union[str, Path], model_max_len
         config["model_max_length"] = int(model_max_length)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=1, sort_keys=True))
+
+
+def read_chat_template(hf_dir: Union[str, Path]) -> Optional[str]:
+    """The Jinja chat template of a Hugging Face tokenizer directory: ``chat_template.jinja``
+    (newer transformers) or ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of
+    named templates of which ``default`` is used); None when there is none."""
+    hf_dir = Path(hf_dir)
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text()
+    path = hf_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("chat_template")
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+class ChatTemplateTokenizer:
+    """A tokenizer plus the directory's chat template, rendered like ``transformers`` does (a
+    sandboxed Jinja environment, so a template cannot reach Python objects or run code). Every
+    other attribute is the wrapped tokenizer's."""
+
+    def __init__(self, tok: AnyTokenizer, template: str, source: str) -> None:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self._template = env.from_string(template)
+        except TemplateError as e:
+            raise InteropError(f"{source}: chat_template does not parse ({e}); fix tokenizer_config.json") from e
+        self._tok = tok
+        self._source = source
+        # The rendered prompt's own special tokens (<s>, <|im_start|>...) must become their ids, as
+        # transformers encodes them; our HFTokenizer encodes specials as plain text (data safety),
+        # so a second instance with special-token matching on encodes the chat prompt.
+        inner = getattr(tok, "_tok", None)
+        self._special_aware = None
+        if inner is not None:
+            from tokenizers import Tokenizer
+
+            self._special_aware = Tokenizer.from_str(inner.to_str())
+            self._special_aware.encode_special_tokens = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_tok"], name)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False):
+        from jinja2.exceptions import TemplateError
+
+        ids = getattr(self._tok, "special_ids", {})
+        inner = getattr(self._tok, "_tok", None)  # HFTokenizer's tokenizers.Tokenizer: id -> token text
+        tokens = {f"{k}_token": inner.id_to_token(i) for k, i in ids.items()} if inner is not None else {}
+        try:
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+        except TemplateError as e:
+            raise ValueError(f"the chat template of {self._source} rejected these messages: {e}") from e
+        if not tokenize:
+            return text
+        if self._special_aware is None:
+            return self._tok.encode(text)
+        return self._special_aware.encode(text, add_special_tokens=False).ids
+
+
+def tokenizer_with_chat_template(tok: AnyTokenizer, hf_dir: Union[str, Path]) -> Any:
+    """``tok`` with ``apply_chat_template`` when ``hf_dir`` has a chat template, else ``tok``."""
+    template = read_chat_template(hf_dir)
+    return tok if template is None else ChatTemplateTokenizer(tok, template, str(hf_dir))

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from dist_llm.config.schema import EncoderArch, EncoderConfig
+import torch
+
+from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
 from dist_llm.interop._common_enc import (
-    HFImportError, NameMap, PathLike, export_state, import_state, layer_indices, load_into,
+    HFImportError, NameMap, fill_missing_heads, model_config_from_encoder, PathLike, export_state, import_state, layer_indices, load_into,
     read_hf_config, read_hf_weights, require, strip_prefix, write_hf_weights,
 )
 from dist_llm.models.vit import ViT
@@ -20,7 +22,7 @@ from dist_llm.models.vit import ViT
 HEADS = ("head.weight", "head.bias")
 
 
-def config_from_hf(hf: Dict, file: Path = Path("config.json")) -> EncoderConfig:
+def encoder_config_from_hf(hf: Dict, file: Path = Path("config.json")) -> EncoderConfig:
     require(hf, file, "hidden_act", ["gelu"], "gelu")
     if hf["hidden_size"] % hf["num_attention_heads"]:
         raise HFImportError(f"{file}: hidden_size={hf['hidden_size']} is not divisible by "
@@ -62,18 +64,23 @@ def name_map(n_layers: int, qkv_bias: bool = True) -> NameMap:
     return m
 
 
-def load_hf_vit(path: PathLike) -> Tuple[ViT, List[str]]:
-    """``(model, missing)``: our ViT with the weights of the HF directory ``path``."""
-    d = Path(path)
-    cfg = config_from_hf(read_hf_config(d, "vit"), d / "config.json")
-    hf = read_hf_weights(d)
+def _our_state(hf: Dict[str, torch.Tensor], n_layers: int, qkv_bias: bool,
+               source: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """HF tensors (task class or base-model names) -> (our state dict, missing head names)."""
     for marker in ("embeddings.", "encoder.", "layernorm."):
         hf = strip_prefix(hf, "vit.", marker)
     found = layer_indices(hf, "vit.encoder.layer.")
-    if found is not None and found != cfg.n_layers:
-        raise HFImportError(f"{d}: config.json says num_hidden_layers={cfg.n_layers} but the weights hold "
+    if found is not None and found != n_layers:
+        raise HFImportError(f"{source}: config.json says num_hidden_layers={n_layers} but the weights hold "
                             f"{found} layers")
-    state, missing = import_state(name_map(cfg.n_layers, cfg.qkv_bias), hf, optional=HEADS, source=str(d))
+    return import_state(name_map(n_layers, qkv_bias), hf, optional=HEADS, source=source)
+
+
+def load_hf_vit(path: PathLike) -> Tuple[ViT, List[str]]:
+    """``(model, missing)``: our ViT with the weights of the HF directory ``path``."""
+    d = Path(path)
+    cfg = encoder_config_from_hf(read_hf_config(d, "vit"), d / "config.json")
+    state, missing = _our_state(read_hf_weights(d), cfg.n_layers, cfg.qkv_bias, str(d))
     model = ViT(cfg)
     load_into(model, state, str(d))
     return model, missing
@@ -99,3 +106,32 @@ def save_hf_vit(model: ViT, out_dir: PathLike) -> Path:
     write_hf_weights(d, export_state(name_map(model.cfg.n_layers, model.cfg.qkv_bias), model.state_dict()))
     ViTConfig(**hf_config(model.cfg)).save_pretrained(str(d))
     return d
+
+
+# --- the registry interface (dist_llm/interop/__init__.py): model.init_from and dist-llm export ---
+MODEL_TYPE = "vit"
+ARCHITECTURE = "ViTForImageClassification"
+
+
+def config_from_hf(hf: Dict, source: str = "config.json") -> ModelConfig:
+    """``model.*`` (preset vit) for an HF ViT ``config.json`` dict."""
+    return model_config_from_encoder(encoder_config_from_hf(hf, Path(source)))
+
+
+def config_to_hf(cfg: ModelConfig) -> Dict:
+    """A ``config.json`` dict for ``ViTForImageClassification`` (dropouts 0: for inference)."""
+    from transformers import ViTConfig
+
+    from dist_llm.models import encoder_config
+
+    return ViTConfig(**{**hf_config(encoder_config(cfg)), "hidden_dropout_prob": 0.0,
+                        "attention_probs_dropout_prob": 0.0}).to_dict()
+
+
+def state_dict_from_hf(sd: Dict[str, torch.Tensor], cfg: ModelConfig, source: str = "state dict") -> Dict[str, torch.Tensor]:
+    state, missing = _our_state(sd, cfg.n_layers, cfg.bias is not False, source)
+    return fill_missing_heads(state, missing, cfg, source)
+
+
+def state_dict_to_hf(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    return export_state(name_map(cfg.n_layers, cfg.bias is not False), sd)

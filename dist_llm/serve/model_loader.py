@@ -6,8 +6,8 @@ Accepted paths (see dist_llm/checkpoint/manager.py for the layout):
   sha256 in its ``manifest.json``, whose ``config`` gives the model shape and the training data;
 * ``<run>/best/``: its weights, the config from the run's latest committed checkpoint;
 * a run directory: its ``checkpoints/latest``;
-* a Hugging Face export directory (``config.json`` with ``model_type``, no manifest): handed to
-  :func:`load_hf_export` (wired when dist_llm/interop lands).
+* a Hugging Face directory (``config.json`` with ``model_type``, no manifest; e.g. from
+  ``dist-llm export --format hf``): :func:`load_hf_export`, through dist_llm/interop.
 
 The tokenizer is the one the model was trained with: the ``tokenizer`` meta of the first training
 split's ``manifest.json`` (as ``train/run.py`` does for its end-of-run sample), or the dataset
@@ -102,9 +102,35 @@ def is_hf_export(path: Path) -> bool:
 
 
 def load_hf_export(path: Path, cfg: ServeConfig) -> LoadedModel:
-    """Hook for Hugging Face export directories (``dist-llm export --format hf``): the interop
-    adapters map them back onto our modules; the lead wires this when dist_llm/interop lands."""
-    raise NotImplementedError("HF export dirs: after interop lands")
+    """A Hugging Face directory (``dist-llm export --format hf`` or any ``save_pretrained`` GPT-2 /
+    Llama with safetensors weights): the interop adapters map config and weights onto our GPT, the
+    tokenizer comes from its ``tokenizer.json`` (or ``serve.tokenizer_dir``), and the chat template
+    from ``tokenizer_config.json`` / ``chat_template.jinja`` when present."""
+    from dist_llm.interop import InteropError
+    from dist_llm.interop.init_from import check_vocab, load_source_weights, locate, source_tokenizer
+    from dist_llm.interop.tokenizer import tokenizer_from_hf_dir, tokenizer_with_chat_template
+    from dist_llm.models import build_model
+
+    try:
+        src = locate(str(path), what="serve model path")
+        mcfg = src.model_cfg
+        if str(mcfg.preset) not in ("gpt2", "llama"):
+            raise ModelLoadError(f"serve: {path} is a {src.hf_model_type} model; only causal LMs (gpt2, llama) "
+                                 f"generate text")
+        tok_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else Path(path)
+        tok = tokenizer_from_hf_dir(tok_dir) if cfg.tokenizer_dir else source_tokenizer(src)
+        if tok is None:
+            raise ModelLoadError(f"serve: {path} has no tokenizer.json; export with its tokenizer or pass "
+                                 f"--tokenizer-dir <Hugging Face tokenizer directory>")
+        check_vocab(tok, mcfg, str(tok_dir))
+        model = build_model(mcfg)
+        model.load_state_dict(load_source_weights(src, mcfg), strict=True)
+    except (InteropError, RuntimeError) as e:
+        raise ModelLoadError(f"serve: cannot load the Hugging Face directory {path}: {e}") from e
+    model.to(_pick_device(cfg.device)).eval()
+    tok = tokenizer_with_chat_template(tok, tok_dir)
+    name = cfg.model_name or Path(path).resolve().name
+    return LoadedModel(model, tok, name, mcfg.max_seq_len, mcfg.vocab_size, str(Path(path).resolve()))
 
 
 def model_config_from(manifest: Dict[str, Any]) -> ModelConfig:

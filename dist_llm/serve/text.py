@@ -9,7 +9,7 @@ the stop string is not part of the answer).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 # The chat prompt when the tokenizer brings no template of its own (our byte/char/BPE tokenizers
 # do not): one "<role>: <content>" line per message, then "assistant:" for the model to continue.
@@ -22,12 +22,13 @@ def render_default_chat(messages: Sequence[Dict[str, str]]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
-def render_chat(tokenizer, messages: Sequence[Dict[str, str]]) -> Tuple[str, Tuple[str, ...]]:
-    """(prompt text, extra stop strings). A tokenizer with ``apply_chat_template`` (e.g. an HF
-    tokenizer with a ``chat_template``) formats its own prompt; else the default template."""
+def render_chat(tokenizer, messages: Sequence[Dict[str, str]]) -> Tuple[Union[str, List[int]], Tuple[str, ...]]:
+    """(prompt text or ids, extra stop strings). A tokenizer with ``apply_chat_template`` (e.g. an HF
+    tokenizer with a ``chat_template``) formats and encodes its own prompt (ids, so the template's
+    special tokens become their ids); else the default template as text."""
     apply = getattr(tokenizer, "apply_chat_template", None)
     if callable(apply):
-        return apply(list(messages), add_generation_prompt=True, tokenize=False), ()
+        return apply(list(messages), add_generation_prompt=True, tokenize=True), ()
     return render_default_chat(messages), (DEFAULT_CHAT_STOP,)
 
 

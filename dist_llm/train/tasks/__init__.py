@@ -3,5 +3,6 @@ registers the built-in kinds."""
 from dist_llm.train.tasks.base import Task, batch_to, build_task, register_task, registered_kinds
 from dist_llm.train.tasks import classify, mlm_nsp, pretrain  # noqa: F401  (register their kinds)
 from dist_llm.train.tasks import finetune  # noqa: F401,E402  (sft; text classify for GPT/BERT presets)
+from dist_llm.train.tasks import distill  # noqa: F401,E402  (registers "distill")
 
 __all__ = ["Task", "batch_to", "build_task", "register_task", "registered_kinds"]
