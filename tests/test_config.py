@@ -12,7 +12,7 @@ from dist_llm.config.store import compose, job_config_from_yaml, save_job_config
 from dist_llm.config.validate import ConfigError, planned_world_size, validate
 
 CONF = REPO / "conf"
-TRAIN_GROUPS = ("model", "data", "parallel", "optim", "train", "logging", "launcher", "debug", "experiment")
+TRAIN_GROUPS = ("model", "data", "parallel", "optim", "train", "logging", "launcher", "debug", "experiment", "task")
 # Options that need a value the user must supply (marked ??? in the YAML).
 REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight: 1.0}]"],
             ("train", "demo"): ["model=demo"],  # seq_len 128 needs the demo model's context
@@ -20,7 +20,10 @@ REQUIRED = {("data", "shards"): ["data.train=[{path: /datasets/web/train, weight
             ("parallel", "tp2"): ["launcher.nproc=2"], ("parallel", "tp2_sp"): ["launcher.nproc=2"],
             ("parallel", "pp2"): ["launcher.nproc=2"], ("parallel", "tp2_pp2"): ["launcher.nproc=4"],
             ("parallel", "pp2_vpp2"): ["launcher.nproc=2", "model.n_layers=4"],
-            ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"]}
+            ("parallel", "tp2_dp2_zero2"): ["launcher.nproc=4"],
+            ("task", "mlm_nsp"): ["model=bert_tiny"], ("task", "classify"): ["model=vit_digits"],
+            ("model", "bert_tiny"): ["task=mlm_nsp"], ("model", "bert_small"): ["task=mlm_nsp"],
+            ("model", "vit_digits"): ["task=classify"]}
 
 
 def _options():

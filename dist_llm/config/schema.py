@@ -34,6 +34,24 @@ class Choice(str, Enum):
 class Preset(Choice):
     gpt2 = "gpt2"  # LayerNorm, learned positions, GELU
     llama = "llama"  # RMSNorm, RoPE, SwiGLU
+    bert = "bert"  # bidirectional post-LN encoder, MLM + NSP heads (EncoderConfig via encoder_config)
+    vit = "vit"  # pre-norm image encoder with a class-token classifier
+
+
+class EmbeddedData(Choice):
+    stdlib = "stdlib"
+    stdlib_bert = "stdlib_bert"
+    digits = "digits"
+
+
+class TaskKind(Choice):
+    """The training objective (``task`` config group, dist_llm/train/tasks/)."""
+
+    pretrain = "pretrain"  # causal LM on token windows (today's behaviour)
+    mlm_nsp = "mlm_nsp"  # BERT masked LM + next-sentence prediction on pack=bert shards
+    classify = "classify"  # a label per sample (images from pack=image shards)
+    sft = "sft"  # prompt/response pairs, loss on response tokens only
+    distill = "distill"  # student trained on a teacher's outputs
 
 
 class EngineKind(Choice):
@@ -133,6 +151,12 @@ class ModelConfig:
     # Per-head width; None = d_model // n_heads. Set by structured head pruning (dist-llm prune), which
     # removes heads but keeps d_model, so the attention width n_heads*head_dim becomes < d_model.
     head_dim: Optional[int] = None
+    # Encoder-only fields (preset bert/vit; mapped by dist_llm.models.encoder_config)
+    type_vocab_size: int = 2  # bert: token-type (segment) embeddings
+    image_size: int = 8  # vit: square images
+    patch_size: int = 2  # vit: square patches; must divide image_size
+    num_channels: int = 1  # vit
+    num_classes: int = 10  # vit classifier width
 
 
 @dataclass
@@ -161,6 +185,9 @@ class DataConfig:
     build_embedded: bool = False
     embedded_dir: str = "data/stdlib"
     embedded_max_bytes: int = 3_000_000  # how much stdlib source text the embedded corpus takes
+    # Which embedded set build_embedded writes: stdlib (byte tokens, causal) | stdlib_bert
+    # (char tokens, BERT pairs of train.seq_len) | digits (8x8 images for task=classify)
+    embedded: EmbeddedData = EmbeddedData.stdlib
     # Refuse a data manifest whose shards lack a sha256 (false: accept unchecked shards).
     require_checksums: bool = True
     # A sample that does not match its manifest (missing member, wrong shape, duplicated key,
@@ -307,6 +334,27 @@ class DebugConfig:
 
 
 @dataclass
+class MlmNspTaskConfig:
+    mlm_prob: float = 0.15  # share of non-special tokens chosen for masked-LM (80/10/10)
+    mask_seed: int = 0  # masking is a function of (mask_seed, step, global sample index)
+
+
+@dataclass
+class ClassifyTaskConfig:
+    augment: bool = False  # images: random shift by up to max_shift pixels (drawn per sample)
+    max_shift: int = 1
+
+
+@dataclass
+class TaskConfig:
+    """The objective; each kind reads its own sub-section (conf/task/<kind>.yaml)."""
+
+    kind: TaskKind = TaskKind.pretrain
+    mlm_nsp: MlmNspTaskConfig = field(default_factory=MlmNspTaskConfig)
+    classify: ClassifyTaskConfig = field(default_factory=ClassifyTaskConfig)
+
+
+@dataclass
 class JobConfig:
     """The whole job. ``experiment`` presets only override fields of these groups."""
 
@@ -321,6 +369,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 

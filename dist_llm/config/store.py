@@ -23,6 +23,7 @@ GROUP_SCHEMAS = {
     "logging": schema.LoggingConfig,
     "launcher": schema.LauncherConfig,
     "debug": schema.DebugConfig,
+    "task": schema.TaskConfig,
 }
 
 _registered: set = set()

@@ -115,6 +115,32 @@ def _model_problems(cfg: JobConfig) -> List[str]:
     return p
 
 
+_ENCODER_TASK = {"bert": ("mlm_nsp", "classify"), "vit": ("classify",)}
+
+
+def _task_problems(cfg: JobConfig) -> List[str]:
+    """Which task runs on which model preset and engine (docs/parallelism.md has the table)."""
+    kind, preset, engine = str(cfg.task.kind), str(cfg.model.preset), str(cfg.parallel.engine)
+    p: List[str] = []
+    if engine == "megatron" and (kind != "pretrain" or preset in _ENCODER_TASK):
+        p.append(f"task.kind={kind} with model.preset={preset} is not supported by parallel.engine=megatron, "
+                 f"which trains task=pretrain on gpt2/llama only: use parallel.engine=deepspeed "
+                 f"(parallel=zero0..zero3); see docs/parallelism.md")
+    if kind == "pretrain" and preset in _ENCODER_TASK:
+        p.append(f"task=pretrain (causal LM) cannot train the encoder model.preset={preset}: use "
+                 f"task={_ENCODER_TASK[preset][0]}")
+    if kind == "mlm_nsp" and preset != "bert":
+        p.append(f"task=mlm_nsp needs a BERT model (model=bert_tiny|bert_small), got model.preset={preset}")
+    if kind == "mlm_nsp" and not 0.0 < cfg.task.mlm_nsp.mlm_prob < 1.0:
+        p.append(f"task.mlm_nsp.mlm_prob={cfg.task.mlm_nsp.mlm_prob} must be in (0, 1)")
+    if kind != "pretrain" and cfg.train.sample.tokens > 0:
+        p.append(f"train.sample.tokens={cfg.train.sample.tokens} generates text, which only task=pretrain "
+                 f"models do: set train.sample.tokens=0")
+    if kind == "classify" and preset == "vit" and cfg.task.classify.max_shift < 0:
+        p.append(f"task.classify.max_shift={cfg.task.classify.max_shift} must be >= 0")
+    return p
+
+
 def _layout_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
     """world = dp * tp * pp, and what each engine supports."""
     m, par = cfg.model, cfg.parallel
@@ -239,7 +265,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, job_id: Optional[
     model_par = max(cfg.parallel.tp, 1) * max(cfg.parallel.pp, 1)
     dp = world // model_par
     p = [*_choice_problems(cfg, ""), *_model_problems(cfg), *_layout_problems(cfg, world, dp),
-         *_batch_problems(cfg, world, dp), *_loop_problems(cfg), *_launcher_problems(cfg, world)]
+         *_batch_problems(cfg, world, dp), *_loop_problems(cfg), *_launcher_problems(cfg, world),
+         *_task_problems(cfg)]
     if p:
         raise ConfigError(p)
     return make_plan(cfg, world, job_id)

@@ -27,14 +27,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_llm.data.shard_scan import read_shard, read_token_shard
-from dist_llm.data.shards import check_checksums, read_manifest, shard_path
+from dist_llm.data.shard_scan import read_checked_records, read_shard, read_token_shard
+from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, read_manifest, shard_path
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -110,10 +110,29 @@ class _Source:
     first: List[int]  # global index (tar key) of each shard's first sample
 
 
-def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool = True) -> _Source:
-    m = read_manifest(path)
+# decode(samples, step, global sample indices) -> batch dict: how a task turns records into tensors
+Decode = Callable[[List[Dict[str, Any]], int, List[int]], Dict[str, torch.Tensor]]
+
+
+def _check_format(path: str, m: Dict[str, Any], fmt: str, seq_len: int) -> None:
+    got = m.get("format")
+    if got != fmt:
+        raise ValueError(f"{Path(path) / 'manifest.json'} holds format {got!r} but the task reads {fmt!r}: "
+                         f"prepare the data with the matching pack (causal for task=pretrain, bert for "
+                         f"task=mlm_nsp, image for task=classify) or pick the task that fits the data")
+    if fmt == PAIRS_FORMAT and m.get("seq_len") != seq_len:
+        raise ValueError(f"{Path(path) / 'manifest.json'} has seq_len {m.get('seq_len')} but train.seq_len is "
+                         f"{seq_len}: set train.seq_len={m.get('seq_len')} or re-run `dist-llm prepare pack=bert` "
+                         f"with pack.seq_len={seq_len}")
+
+
+def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool = True,
+                 fmt: str = FORMAT) -> _Source:
+    m = read_manifest(path, expect=fmt)
     check_checksums(path, m, require_checksums)
-    if m["sample_len"] != seq_len + 1:
+    if fmt != FORMAT:
+        _check_format(path, m, fmt, seq_len)
+    elif m["sample_len"] != seq_len + 1:
         raise ValueError(
             f"{Path(path) / 'manifest.json'} has seq_len {m['seq_len']} but train.seq_len is "
             f"{seq_len}: set train.seq_len={m['seq_len']} or re-run `dist-llm prepare` with "
@@ -122,7 +141,7 @@ def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool
     starts = np.concatenate([[0], np.cumsum([s["num_samples"] for s in m["shards"]])]).tolist()
     first = [int(starts[i]) for i, s in enumerate(m["shards"]) if s["num_samples"] > 0]
     shards = [s for s in m["shards"] if s["num_samples"] > 0]
-    body = {k: m[k] for k in ("seq_len", "dtype", "vocab_size", "num_samples")}
+    body = {k: m.get(k) for k in ("seq_len", "dtype", "vocab_size", "num_samples")}
     body["shards"] = [[s["file"], s["num_samples"], s.get("sha256")] for s in m["shards"]]
     fp = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return _Source(
@@ -198,8 +217,10 @@ class _Stream:
         self.streams = [_SourceStream(s, i, lanes, seed) for i, s in enumerate(sources)]
         self.blend = BlendSchedule([s.weight for s in sources])
         self.per_lane, self.seed = per_lane, seed
-        self.sample_len = int(sources[0].manifest["sample_len"])
-        self.dtype = sources[0].manifest["dtype"]
+        self.records = sources[0].manifest.get("format", FORMAT) != FORMAT  # sample dicts, not token rows
+        self.format = sources[0].manifest.get("format", FORMAT)
+        self.sample_len = int(sources[0].manifest.get("sample_len", 0))
+        self.dtype = sources[0].manifest.get("dtype", "uint8")
         self._cache: Dict[Tuple[int, int], Tuple[int, int, np.ndarray]] = {}
 
     def _shard(self, lane: int, s: int, epoch: int, shard: int) -> np.ndarray:
@@ -216,6 +237,13 @@ class _Stream:
         key) or, with ``data.bad_samples=skip``, is counted and its slot takes the shard's next good
         sample: the lane positions stay pure arithmetic, so resume and dp-independence hold."""
         file, n = src.files[shard], int(src.counts[shard])
+        if self.records:  # BERT pairs / images: structural check only (a bad sample raises)
+            recs = read_checked_records(file, self.format, n, sha256=src.sha[shard])
+            self.read_by_shard[file] = n
+            out = np.empty(len(recs), dtype=object)
+            for i, r in enumerate(recs):
+                out[i] = r
+            return out
         rows, good, problems = read_token_shard(file, self.sample_len, self.dtype, sha256=src.sha[shard],
                                                 first_index=src.first[shard], num_samples=n)
         self.read_by_shard[file] = n
@@ -247,7 +275,8 @@ class _Stream:
         start = step * self.per_lane
         picks = self.blend.picks(start, start + self.per_lane)
         pos = self.blend.counts_before(start)
-        out = np.empty((self.per_lane, self.sample_len), dtype=self.dtype)
+        out = (np.empty(self.per_lane, dtype=object) if self.records
+               else np.empty((self.per_lane, self.sample_len), dtype=self.dtype))
         for i, s in enumerate(picks.tolist()):
             epoch, shard, off = self.streams[s].locate(lane, int(pos[s]))
             out[i] = self._shard(lane, s, epoch, shard)[off]
@@ -274,7 +303,7 @@ class _LaneDataset(IterableDataset):
         while True:
             chunk = np.concatenate([self.stream.lane_chunk(l, step) for l in self.worker_lanes[w]])
             counts = (self.stream.bad_count, sum(self.stream.read_by_shard.values()))
-            yield step, w, torch.from_numpy(chunk.astype(np.int64)), counts
+            yield step, w, (chunk if self.stream.records else torch.from_numpy(chunk.astype(np.int64))), counts
             step += 1
 
 
@@ -299,7 +328,11 @@ class TrainLoader:
         require_checksums: bool = True,
         bad_samples: str = "raise",
         max_bad_fraction: float = 0.0,
+        fmt: str = FORMAT,
+        decode: Optional[Decode] = None,
     ) -> None:
+        """``fmt``: the shard format the task reads; for record formats (BERT pairs, images)
+        ``decode`` turns each micro-batch's sample dicts into the task's tensors."""
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
         for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
@@ -321,18 +354,22 @@ class TrainLoader:
         if num_workers and lanes % (dp_size * num_workers):
             raise ValueError(f"data.lanes={lanes} is not divisible by dp_size*num_workers={dp_size}*{num_workers}: "
                              f"every worker must own whole lanes; change data.num_workers or data.lanes")
-        srcs = [_load_source(str(p), float(w), seq_len, require_checksums) for p, w in sources]
+        if fmt != FORMAT and decode is None:
+            raise ValueError(f"shard format {fmt!r} needs a decode function (the task's decode_batch)")
+        srcs = [_load_source(str(p), float(w), seq_len, require_checksums, fmt) for p, w in sources]
         for s in srcs[1:]:
-            for key in ("dtype", "vocab_size"):
-                if s.manifest[key] != srcs[0].manifest[key]:
+            for key in ("dtype", "vocab_size", "classes", "special_ids"):
+                if s.manifest.get(key) != srcs[0].manifest.get(key):
                     raise ValueError(f"training sources disagree on {key}: {srcs[0].path} has "
-                                     f"{srcs[0].manifest[key]!r}, {s.path} has {s.manifest[key]!r}; "
+                                     f"{srcs[0].manifest.get(key)!r}, {s.path} has {s.manifest.get(key)!r}; "
                                      f"blend only datasets prepared with the same tokenizer")
         self.seq_len, self.lanes, self.dp_rank, self.dp_size = seq_len, lanes, dp_rank, dp_size
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
         self.num_workers, self.global_batch_size = num_workers, G
         self.per_lane = G // lanes
-        self.vocab_size = int(srcs[0].manifest["vocab_size"])
+        self.vocab_size = int(srcs[0].manifest.get("vocab_size") or 0)
+        self.manifest = srcs[0].manifest  # what a task's decode needs (special_ids, classes)
+        self.decode = decode
         self.eos_id = srcs[0].manifest.get("eos_id")
         per_rank = lanes // dp_size
         self.my_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
@@ -342,13 +379,14 @@ class TrainLoader:
         self._it: Optional[Iterator[Any]] = None
 
     @classmethod
-    def from_config(cls, data: Any, train: Any, dp_rank: int, dp_size: int, grad_accum: int) -> "TrainLoader":
+    def from_config(cls, data: Any, train: Any, dp_rank: int, dp_size: int, grad_accum: int,
+                    fmt: str = FORMAT, decode: Optional[Decode] = None) -> "TrainLoader":
         """Build from ``DataConfig``/``TrainConfig`` (duck-typed to keep this layer free of config)
         and the run plan's ``grad_accum``; the constructor checks the batch arithmetic."""
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
                    train.micro_batch_size, grad_accum, data.seed, data.num_workers,
                    getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
-                   getattr(data, "max_bad_fraction", 0.0))
+                   getattr(data, "max_bad_fraction", 0.0), fmt, decode)
 
     @property
     def steps(self) -> int:
@@ -371,6 +409,8 @@ class TrainLoader:
                 raise RuntimeError(f"data worker order broke: got step {step} of worker {wid}, "
                                    f"expected step {self._steps} of worker {w}")
             parts.append(chunk)
+        if self._stream.records:
+            return np.concatenate(parts)
         return torch.cat(parts).numpy()
 
     def data_metrics(self) -> Dict[str, int]:
@@ -383,8 +423,17 @@ class TrainLoader:
             read = sum(c[1] for c in self._worker_counts.values())
         return {"data/bad_samples": int(bad), "data/samples_read": int(read)}
 
-    def next_step(self) -> List[torch.Tensor]:
-        """``grad_accum`` LongTensors ``[micro_batch_size, seq_len + 1]`` for this rank."""
+    def next_step(self) -> List[Any]:
+        """``grad_accum`` LongTensors ``[micro_batch_size, seq_len + 1]`` for this rank, or for
+        record formats the task's decoded batch dicts."""
+        if self._stream.records:
+            rows = self._rank_samples()
+            step, m = self._steps, self.micro_batch_size
+            # global index within the step's global batch (lane-major): independent of dp
+            first = self.my_lanes[0] * self.per_lane
+            self._steps += 1
+            return [self.decode(list(rows[i * m:(i + 1) * m]), step, list(range(first + i * m, first + (i + 1) * m)))
+                    for i in range(self.grad_accum)]
         x = torch.from_numpy(np.ascontiguousarray(self._rank_samples(), dtype=np.int64))
         self._steps += 1
         m = self.micro_batch_size
@@ -450,12 +499,19 @@ class ValLoader:
     """The first ``num_samples`` samples of a split, in shard order, sliced contiguously per rank."""
 
     def __init__(self, split_dir: str, seq_len: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, num_samples: int, require_checksums: bool = True) -> None:
+                 micro_batch_size: int, num_samples: int, require_checksums: bool = True,
+                 fmt: str = FORMAT, decode: Optional[Callable[[List[Dict[str, Any]], List[int]], Any]] = None) -> None:
+        """Record formats (``fmt`` BERT pairs / images) are decoded per micro-batch by ``decode``
+        (the task's ``decode_eval_batch(samples, global indices)``)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
-        m = read_manifest(split_dir)
+        m = read_manifest(split_dir, expect=fmt)
         check_checksums(split_dir, m, require_checksums)
-        if m["sample_len"] != seq_len + 1:
+        if fmt != FORMAT:
+            if decode is None:
+                raise ValueError(f"shard format {fmt!r} needs a decode function (the task's decode_eval_batch)")
+            _check_format(split_dir, m, fmt, seq_len)
+        elif m["sample_len"] != seq_len + 1:
             raise ValueError(f"{Path(split_dir) / 'manifest.json'} has seq_len {m['seq_len']} but "
                              f"train.seq_len is {seq_len}: re-run `dist-llm prepare` with seq_len={seq_len}")
         unit = dp_size * micro_batch_size
@@ -466,10 +522,29 @@ class ValLoader:
                              f"split or raise train.eval_batches")
         self.split_dir, self.manifest, self.num_samples = str(split_dir), m, n
         self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-        self._batches: Optional[List[torch.Tensor]] = None
+        self.fmt, self.decode = fmt, decode
+        self._batches: Optional[List[Any]] = None
 
-    def batches(self) -> List[torch.Tensor]:
-        """This rank's micro-batches ``[micro_batch_size, seq_len + 1]``; the same every call."""
+    def _record_batches(self, lo: int, hi: int) -> List[Any]:
+        recs: List[Dict[str, Any]] = []
+        seen = 0
+        for sh in self.manifest["shards"]:
+            n = sh["num_samples"]
+            if seen >= hi:
+                break
+            if seen + n > lo and n:
+                got = read_checked_records(shard_path(self.split_dir, sh), self.fmt, n, sha256=sh.get("sha256"))
+                recs.extend(got[max(lo - seen, 0):hi - seen])
+            seen += n
+        m = self.micro_batch_size
+        return [self.decode(recs[i:i + m], list(range(lo + i, lo + i + m))) for i in range(0, hi - lo, m)]
+
+    def batches(self) -> List[Any]:
+        """This rank's micro-batches ``[micro_batch_size, seq_len + 1]`` (or decoded batch dicts
+        for record formats); the same every call."""
+        if self._batches is None and self.fmt != FORMAT:
+            per = self.num_samples // self.dp_size
+            self._batches = self._record_batches(self.dp_rank * per, (self.dp_rank + 1) * per)
         if self._batches is None:
             per = self.num_samples // self.dp_size
             lo, hi = self.dp_rank * per, (self.dp_rank + 1) * per

@@ -8,13 +8,14 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
+from dist_llm.parallel.engine import accumulate
 
 
 def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
@@ -59,18 +60,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_micro_batches(ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+def train_micro_batches(ds_engine, optimizer, micro_batches: List[Any], lr: float,
+                        loss_fn: Callable[[Any], Any], device: torch.device,
+                        metrics_into: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine; returns the sum of
     the micro-batch losses as a float64 scalar on ``device``.
 
-    The sum stays on the device: no host sync per micro-batch; the caller reduces it once.
+    ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
+    pairs are added into ``metrics_into`` (float64 2-vectors). Sums stay on the device: no host
+    sync per micro-batch; the caller reduces them once.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
         loss = loss_fn(mb)
+        if isinstance(loss, tuple):
+            loss, metrics = loss
+            if metrics_into is not None:
+                accumulate(metrics_into, metrics, device)
         ds_engine.backward(loss)
         ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().double()

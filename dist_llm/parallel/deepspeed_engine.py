@@ -16,7 +16,7 @@ from torch import nn
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
-from dist_llm.parallel.engine import Engine, StepStats
+from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
 
 _LIVE = "__live__"  # placeholder for a non-plain object; restored from the live optimizer on load
@@ -63,7 +63,9 @@ class DeepSpeedEngine(Engine):
     """Full weights and per-rank optimizer partitions; no sharded checkpoint (``supports_sharded``
     is False), so a checkpoint resumes only at the same world size."""
 
-    def __init__(self, cfg: JobConfig, model: nn.Module, layout: ParallelLayout):
+    def __init__(self, cfg: JobConfig, model: nn.Module, layout: ParallelLayout, task: Any = None):
+        """``task``: a :class:`dist_llm.train.tasks.Task` whose ``loss(model, batch)`` gives the
+        loss and metrics of a micro-batch; None = causal LM on [B, T+1] token ids."""
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if layout.device.type == "cpu" else "cuda")
         import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
 
@@ -82,30 +84,59 @@ class DeepSpeedEngine(Engine):
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             dist_init_required=False)
         self.device = layout.device
+        self.task = task
+        self.last_eval_metrics = {}
 
     # --- compute ---
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        return self.engine(batch[:, :-1], batch[:, 1:])
+    def _loss(self, batch: Any) -> Any:
+        """The loss tensor (causal LM fast path) or the task's ``(loss, metrics)``."""
+        batch = batch_to(batch, self.device)
+        if self.task is None:
+            return self.engine(batch[:, :-1], batch[:, 1:])
+        return self.task.loss(self.engine, batch)
 
-    def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
+    def _reduce_metrics(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Sum the task's (sum, count) pairs over ranks in one all-reduce (sorted names: every
+        rank runs the same task, so every rank holds the same names)."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])
+        self.layout.all_reduce_sum(stacked)
+        return reduce_metrics(dict(zip(names, stacked)))
+
+    def train_step(self, micro_batches: List[Any], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
         # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
-        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device)
+        sums: Dict[str, torch.Tensor] = {}
+        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device, sums)
         self.layout.all_reduce_sum(total)
+        metrics = self._reduce_metrics(sums)
         gn = global_grad_norm(self.engine)
-        return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn)
+        return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn, metrics=metrics)
+
+    def _batch_size(self, mb: Any) -> int:
+        return int(mb.shape[0]) if isinstance(mb, torch.Tensor) else self.task.batch_size(mb)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
+    def eval_loss(self, micro_batches: List[Any]) -> float:
+        from dist_llm.parallel.engine import accumulate
+
         self.engine.eval()
+        sums: Dict[str, torch.Tensor] = {}
         try:
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
             for mb in micro_batches:
-                total[0] += self._loss(mb).double() * mb.shape[0]
-                total[1] += mb.shape[0]
+                out = self._loss(mb)
+                if isinstance(out, tuple):
+                    out, metrics = out
+                    accumulate(sums, metrics, self.device)
+                n = self._batch_size(mb)
+                total[0] += out.double() * n
+                total[1] += n
             self.layout.all_reduce_sum(total)
+            self.last_eval_metrics = self._reduce_metrics(sums)
         finally:
             self.engine.train()
         return float(total[0] / total[1])

@@ -17,9 +17,9 @@ engine with ``supports_sharded = False``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import nn
@@ -29,12 +29,16 @@ from torch import nn
 class StepStats:
     loss: float  # mean over the global batch (all micro-batches, all data-parallel ranks)
     grad_norm: float  # global 2-norm before clipping (nan when the engine does not compute it)
+    # the task's metrics (e.g. mlm_accuracy), each sum/count over the global batch
+    metrics: Dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
     model: nn.Module  # the plain model (unwrapped), e.g. for generation
     supports_sharded: bool = False  # has save_sharded/load_sharded
     reshardable: bool = False  # its sharded checkpoints load at another world size / tp / pp
+    # the task metrics of the last eval_loss call ({name: sum/count over all ranks}); {} for pretrain
+    last_eval_metrics: Dict[str, float] = {}
 
     @property
     def checkpoint_name(self) -> str:
@@ -43,7 +47,8 @@ class Engine:
         return type(self).__name__
 
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
-        """Forward/backward every micro-batch ([B, T+1] token ids), then one optimizer step."""
+        """Forward/backward every micro-batch ([B, T+1] token ids, or the task's batch dicts on
+        engines that take a task), then one optimizer step."""
         raise NotImplementedError
 
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
@@ -76,3 +81,25 @@ class Engine:
         """Restore what :meth:`save_sharded` wrote, possibly at another layout (collective)."""
         raise NotImplementedError(f"{type(self).__name__} loads no sharded checkpoint "
                                   f"(supports_sharded is False)")
+
+
+# --- helpers for engines that run a task (dist_llm/train/tasks): batches and (sum, count) metrics ---
+def batch_to(batch: Union[torch.Tensor, Dict[str, torch.Tensor]], device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def reduce_metrics(sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """``{name: tensor([sum, count])}`` (already summed across ranks) -> ``{name: sum/count}``."""
+    return {k: (float(v[0] / v[1]) if float(v[1]) else float("nan")) for k, v in sums.items()}
+
+
+def accumulate(into: Dict[str, torch.Tensor], metrics: Dict[str, Any], device: torch.device) -> None:
+    """Add one micro-batch's ``(sum, count)`` pairs into float64 2-vectors (no host sync)."""
+    for k, (s, c) in metrics.items():
+        vec = into.get(k)
+        if vec is None:
+            vec = into[k] = torch.zeros(2, dtype=torch.float64, device=device)
+        vec[0] += torch.as_tensor(s, device=device).detach().double()
+        vec[1] += torch.as_tensor(c, device=device).detach().double()

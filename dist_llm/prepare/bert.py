@@ -3,7 +3,8 @@
 Follows Google's ``create_instances_from_document`` (without the short-sequence trick):
 sentences are gathered until ``seq_len - 3`` tokens, split at a random point into A and B; with
 probability ``random_next_prob`` B is replaced by sentences from a random *other* document of
-the split (label 1) and the unused sentences go back to the pool. The RNG is seeded by
+the split (label 1; a split holding a single document draws it from another split, so its NSP
+labels are not all 0) and the unused sentences go back to the pool. The RNG is seeded by
 ``(seed, split, document)``, so a shard is the same whoever writes it and whenever.
 Masked-LM masking is left to the loader (a fresh mask per epoch is better than a frozen one).
 """
@@ -33,6 +34,12 @@ def pairs_for_document(packer: Any, split: str, d: int) -> Iterator[Tuple[np.nda
     sp, L = packer.sp, packer.seq_len
     target = L - 3
     ndocs = len(packer.docs[split]["ntok"])
+    # A split of one document (a small val split) has no other document of its own to draw a
+    # random B from, which would leave every NSP label 0: draw from another split instead.
+    donor = split
+    if ndocs == 1:
+        donor = next((s for s in sorted(packer.docs) if s != split and len(packer.docs[s]["ntok"])), split)
+    ndonor = len(packer.docs[donor]["ntok"])
     rng = np.random.default_rng([packer.seed, 0 if split == "train" else 1, d])
     sents = [s.tolist() for s in packer.sentences(split, d) if len(s)]
     chunk: List[List[int]] = []
@@ -43,10 +50,13 @@ def pairs_for_document(packer: Any, split: str, d: int) -> Iterator[Tuple[np.nda
         if i == len(sents) - 1 or length >= target:
             a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
             a = [t for s in chunk[:a_end] for t in s]
-            if ndocs > 1 and (len(chunk) == 1 or rng.random() < packer.p_random):
-                other = int(rng.integers(0, ndocs - 1))
-                other += other >= d
-                rs = [s.tolist() for s in packer.sentences(split, other) if len(s)] or [[]]
+            if (ndocs > 1 or donor != split) and (len(chunk) == 1 or rng.random() < packer.p_random):
+                if donor == split:
+                    other = int(rng.integers(0, ndocs - 1))
+                    other += other >= d
+                else:
+                    other = int(rng.integers(0, ndonor))
+                rs = [s.tolist() for s in packer.sentences(donor, other) if len(s)] or [[]]
                 start = int(rng.integers(0, len(rs)))
                 b: List[int] = []
                 for s in rs[start:]:

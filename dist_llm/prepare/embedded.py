@@ -67,3 +67,54 @@ def build_stdlib_corpus(
     run_prepare(cfg)
     return {"train": read_manifest(out / "train"), "val": read_manifest(out / "val"),
             "tokenizer": ByteTokenizer().meta(), "built": True}
+
+
+def _complete_records(out: Path, fmt: str, seq_len: Optional[int]) -> bool:
+    try:
+        for split in ("train", "val"):
+            m = read_manifest(out / split, expect=fmt)
+            if m.get("format") != fmt or (seq_len is not None and m.get("seq_len") != seq_len):
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def build_embedded_set(out_dir: Union[str, "os.PathLike[str]"], kind: str, seq_len: int,
+                       max_bytes: int = 3_000_000, samples_per_shard: int = 256) -> bool:
+    """The embedded data set ``kind`` under ``out_dir/{train,val}`` (skipped when complete; returns
+    whether it was built):
+
+    * ``stdlib``: byte tokens, causal windows (:func:`build_stdlib_corpus`);
+    * ``stdlib_bert``: char tokenizer, ``[CLS] A [SEP] B [SEP]`` pairs of ``seq_len`` for task=mlm_nsp;
+      every 5th file is validation (stdlib files are large: 400 kB is ~13 files), so the val
+      split holds several documents and its random-next pairs (NSP label 1) exist;
+    * ``digits``: scikit-learn's 8x8 digits as (image, label) for task=classify; every 5th image
+      is validation (1437 train / 360 val).
+    """
+    from dist_llm.data.shards import IMAGES_FORMAT, PAIRS_FORMAT
+
+    out = Path(out_dir)
+    if kind == "stdlib":
+        return bool(build_stdlib_corpus(out, seq_len, max_bytes, samples_per_shard)["built"])
+    off = dict(clean=CleanConfig(steps=[]), filter=FilterConfig(enabled=False),
+               dedup=DedupConfig(exact=False, near=False))
+    if kind == "stdlib_bert":
+        if _complete_records(out, PAIRS_FORMAT, seq_len):
+            return False
+        cfg = PrepareConfig(output_dir=str(out), workers=1, progress="off",
+                            input=PrepareInputConfig(embedded=EmbeddedInput.stdlib, embedded_max_bytes=max_bytes),
+                            tokenizer=TokenizerPrepConfig(kind=TokenizerKind.char),
+                            pack=PackConfig(kind=PackKind.bert, seq_len=seq_len, samples_per_shard=samples_per_shard),
+                            split=SplitConfig(val_fraction=0.0, val_every=5), **off)
+    elif kind == "digits":
+        if _complete_records(out, IMAGES_FORMAT, None):
+            return False
+        cfg = PrepareConfig(output_dir=str(out), workers=1, progress="off",
+                            input=PrepareInputConfig(embedded=EmbeddedInput.digits),
+                            pack=PackConfig(kind=PackKind.image, samples_per_shard=samples_per_shard),
+                            split=SplitConfig(val_fraction=0.0, val_every=5), **off)
+    else:
+        raise ValueError(f"data.embedded={kind!r} is not one of stdlib, stdlib_bert, digits")
+    run_prepare(cfg)
+    return True

@@ -42,6 +42,7 @@ class MetricsCallback(Callback):
         metrics: Dict[str, float] = {
             "train/loss": stats.loss, "train/lr": trainer.last_lr, "train/grad_norm": stats.grad_norm,
             "train/tokens_seen": float(trainer.state.tokens_seen), **rates,
+            **{f"train/{k}": v for k, v in getattr(stats, "metrics", {}).items()},
         }
         if self.peak_flops > 0 and rates.get("tokens_per_s"):
             metrics["perf/mfu"] = mfu(rates["tokens_per_s"], self.flops_per_token, self.n_devices, self.peak_flops)
@@ -51,7 +52,9 @@ class MetricsCallback(Callback):
 
 class EvalLogCallback(Callback):
     def on_eval(self, trainer, val_loss):
-        trainer.logger.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, trainer.state.step)
+        extra = {f"val/{k}": v for k, v in getattr(trainer.engine, "last_eval_metrics", {}).items()}
+        trainer.logger.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0)), **extra},
+                           trainer.state.step)
 
 
 class CheckpointCallback(Callback):

@@ -52,10 +52,11 @@ def _seed_all(seed: int) -> None:
 
 def _prepare_embedded(cfg: JobConfig, layout) -> JobConfig:
     """Build the stdlib demo corpus on rank 0 (idempotent) and point the data config at it."""
-    from dist_llm.prepare import build_stdlib_corpus
+    from dist_llm.prepare.embedded import build_embedded_set
 
     if layout.rank == 0:
-        build_stdlib_corpus(cfg.data.embedded_dir, cfg.train.seq_len, max_bytes=cfg.data.embedded_max_bytes)
+        build_embedded_set(cfg.data.embedded_dir, str(cfg.data.embedded), cfg.train.seq_len,
+                           max_bytes=cfg.data.embedded_max_bytes)
     layout.barrier()
     data = cfg.data
     train = data.train or [DatasetSource(path=str(Path(data.embedded_dir) / "train"), weight=1.0)]
@@ -103,17 +104,21 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
 
     from dist_llm.checkpoint.manager import CheckpointManager
     from dist_llm.data import TrainLoader, ValLoader
-    from dist_llm.models import build_model, flops_per_token
     from dist_llm.observability import build_logger, make_progress
     from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
     from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
     from dist_llm.train.debug import debug_callbacks
+    from dist_llm.train.tasks import build_task
+    from dist_llm.train.tasks.base import TOKENS
     from dist_llm.train.trainer import Trainer
 
     if not torch.cuda.is_available():
         # Split the cores between the local ranks instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(le.local_world_size, 1)))
+        # (the cores this process may run on: `taskset -c 0 dist-llm train ...` pins to one thread)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(le.local_world_size, 1)))
+    task = build_task(cfg)  # before any process group: an unknown kind fails here
     layout = init_layout(cfg.parallel, le)
     try:
         if cfg.data.build_embedded:
@@ -124,7 +129,10 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
         layout.barrier()
 
         tr = cfg.train
-        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp, plan.grad_accum)
+        records = task.sample_format != TOKENS  # BERT pairs / images: the task decodes the samples
+        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp, plan.grad_accum,
+                                               fmt=task.sample_format, decode=task.decode_batch if records else None)
+        task.setup_data(train_loader.manifest)
         if train_loader.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"the training data uses a vocabulary of {train_loader.vocab_size} tokens but "
                              f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
@@ -132,21 +140,22 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
         val_loader = None
         if cfg.data.val and tr.eval_every:
             val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
-                                   tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums)
+                                   tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums,
+                                   fmt=task.sample_format, decode=task.decode_eval_batch if records else None)
 
         _seed_all(tr.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model)
+        model = task.build_model(cfg)
         if init_state is not None:  # before the engine: every engine (ZeRO, Megatron TP/PP) takes it from here
             from dist_llm.interop.init_from import load_into
 
             load_into(model, init_state, cfg.model.init_from)
-        engine = build_engine(cfg, model, layout)
+        engine = build_engine(cfg, model, layout, task=task)
         _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
 
         config_dict = config_to_dict(cfg)
         logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
         callbacks = [
-            MetricsCallback(flops_per_token(cfg.model, tr.seq_len), _peak_flops(cfg, layout.device), layout.world_size),
+            MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
             *debug_callbacks(cfg.debug),
