@@ -5,7 +5,8 @@ dropped to even out the slices) and adds its ``(sum, count)`` pairs and, for cla
 confusion matrix; one all-reduce sums them. Record formats are decoded with the task's
 ``decode_eval_batch`` from **global** sample indices (BERT masking is a function of the index),
 so a 2-rank evaluation sees exactly the samples and masks of a 1-rank one and gives the same
-figures (sums in float64; only the summation order differs).
+figures: accuracies exactly (integer counts), losses to float32 rounding (tasks return per-batch
+means, and the batches differ with the world size).
 """
 from __future__ import annotations
 
