@@ -4,8 +4,9 @@ writes them (with spreads and timings) to ``bench/results/quality.json``.
 * ``vit_digits_accuracy``: ViT (``experiment=vit_digits``) on the held-out 360 digits, mean of 3 seeds;
 * ``bert_mlm_accuracy`` / ``bert_nsp_accuracy``: BERT (``experiment=bert_stdlib``) on held-out pairs,
   next to their baselines (majority token; NSP chance 0.5);
-* ``transfer_gain``: when ``bench/quality_transfer.py`` is present (fine-tuning helper);
-* ``distill_*``: when ``bench/distill.py`` offers ``quality_figures()``.
+* ``transfer_gain``: ``bench/quality_transfer.transfer_gain`` when present (fine-tuning helper);
+* ``distill_*``: quoted from ``bench/distill.json`` when present (``bench/distill.py`` has no
+  function to call).
 
 Training path: an in-process single-rank loop (so it fits a 2-core box in a few minutes) over the
 *same* pieces ``dist-llm train`` uses: the config composed from the experiment, the task object
@@ -120,21 +121,37 @@ def bert_figures(seed: int) -> Dict[str, Any]:
             "bert_run": {k: r[k] for k in ("seed", "steps", "samples", "loss", "mlm_loss", "nsp_loss", "train_s")}}
 
 
-def optional_figures() -> Dict[str, Any]:
-    """Figures of other helpers' benches, when their modules exist in this checkout."""
-    from importlib import import_module
+def transfer_figures(work: str) -> Dict[str, Any]:
+    """``transfer_gain`` from the fine-tuning helper's ``bench/quality_transfer.py`` when present."""
+    try:
+        from bench.quality_transfer import transfer_gain
+    except ImportError:
+        return {"skipped": ["transfer_gain: bench/quality_transfer.py is not in this checkout"]}
+    r = transfer_gain(work)
+    return {"transfer_gain": {"mean": r["transfer_gain"], "pretrained": r["pretrained"], "random": r["random"],
+                              "chance": r.get("chance"), "setup": r.get("setup"), "seconds": r.get("seconds")}}
 
-    out: Dict[str, Any] = {}
-    for mod, fn in (("bench.quality_transfer", "transfer_figures"), ("bench.distill", "quality_figures")):
-        try:
-            m = import_module(mod)
-        except ImportError:
-            out.setdefault("skipped", []).append(f"{mod} (not in this checkout)")
-            continue
-        if not hasattr(m, fn):
-            out.setdefault("skipped", []).append(f"{mod}.{fn} (no such function)")
-            continue
-        out.update(getattr(m, fn)())
+
+def distill_figures() -> Dict[str, Any]:
+    """``bench/distill.py`` (a ``main()`` only) records its figures in ``bench/distill.json``: quoted
+    from there, not re-run (its run is ~40 s: ``python -m bench.distill`` to refresh)."""
+    path = Path(__file__).resolve().parent / "distill.json"
+    if not path.is_file():
+        return {"skipped": ["distill_*: bench/distill.json is not in this checkout"]}
+    summ = json.loads(path.read_text()).get("summary", {})
+    return {"distill_gap_recovered": summ.get("gap_recovered"),
+            "distill_student_ppl": summ.get("student_distilled_ppl_mean"),
+            "distill_student_alone_ppl": summ.get("student_alone_ppl_mean"),
+            "distill_teacher_ppl": summ.get("teacher_ppl"), "distill_source": "bench/distill.json (quoted)"}
+
+
+def optional_figures(work: str) -> Dict[str, Any]:
+    out = transfer_figures(work)
+    for k, v in distill_figures().items():
+        if k == "skipped":
+            out.setdefault("skipped", []).extend(v)
+        else:
+            out[k] = v
     return out
 
 
@@ -143,6 +160,7 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skip", nargs="*", default=[], choices=["vit", "bert", "other"])
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--work", default="/tmp/dist-llm-quality", help="scratch folder of the transfer bench")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results: Dict[str, Any] = {}
@@ -155,12 +173,14 @@ def main(argv: List[str] = None) -> int:
               f"{results['bert_mlm_majority_baseline']:.3f})", flush=True)
         print(f"bert_nsp_accuracy {results['bert_nsp_accuracy']:.3f}  (chance 0.500)", flush=True)
     if "other" not in args.skip:
-        other = optional_figures()
+        other = optional_figures(args.work)
         for k, v in other.items():
             if isinstance(v, (int, float)):
                 print(f"{k} {v:.4f}", flush=True)
-            elif isinstance(v, dict) and "mean" in v:
-                print(f"{k} {v['mean']:.4f}  (std {v.get('std', 0):.4f})", flush=True)
+            elif k == "transfer_gain":
+                p, r = v["pretrained"], v["random"]
+                print(f"transfer_gain {v['mean']:.3f}  (pretrained {p['mean']:.3f}±{p['std']:.3f} vs random "
+                      f"{r['mean']:.3f}±{r['std']:.3f}, 3 seeds)", flush=True)
         results.update(other)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     results["training_path"] = "in-process single-rank loop over build_task/task.loss/param_groups/lr_at"
