@@ -164,6 +164,8 @@ def main(argv: List[str] = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results: Dict[str, Any] = {}
+    if args.skip and Path(args.out).is_file():  # a partial run updates the figures it measures
+        results = json.loads(Path(args.out).read_text())
     if "vit" not in args.skip:
         results.update(vit_figures(args.seeds))
         print(f"vit_digits_accuracy {results['vit_digits_accuracy']['mean']:.3f}", flush=True)
