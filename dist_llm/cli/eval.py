@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -73,7 +72,10 @@ def main(args: List[str]) -> int:
             print(f"dist-llm eval: bad override: {e}", file=sys.stderr)
             return 2
         raise
-    if cfg.launcher.nproc > 1 and "RANK" not in os.environ and cfg.launcher.kind == "local":
+    from dist_llm.launch.env import read_launch_env
+
+    # under torchrun/srun the ranks already exist; only a plain process spawns the mock cluster
+    if cfg.launcher.nproc > 1 and read_launch_env().launcher == "single" and cfg.launcher.kind == "local":
         from dist_llm.launch.local import spawn_local
 
         return spawn_local(cfg.launcher.nproc, ["-m", "dist_llm.cli.main", "eval", *args], cfg.launcher.master_port)
