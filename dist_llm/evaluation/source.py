@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 
@@ -68,4 +68,4 @@ def describe(src: Source) -> Dict[str, Any]:
     return {"source": str(src.path), "source_kind": src.kind}
 
 
-__all__ = ["job_config", "load_model", "locate_source", "val_split", "describe", "Tuple"]
+__all__ = ["job_config", "load_model", "locate_source", "val_split", "describe"]
