@@ -164,7 +164,7 @@ def main(argv: List[str] = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results: Dict[str, Any] = {}
-    if args.skip and Path(args.out).is_file():  # a partial run updates the figures it measures
+    if Path(args.out).is_file():  # a run updates the figures it measures, keeps the others
         results = json.loads(Path(args.out).read_text())
     if "vit" not in args.skip:
         results.update(vit_figures(args.seeds))
