@@ -79,7 +79,11 @@ def main(args: List[str]) -> int:
         from dist_llm.launch.local import spawn_local
 
         return spawn_local(cfg.launcher.nproc, ["-m", "dist_llm.cli.main", "eval", *args], cfg.launcher.master_port)
-    return _run_rank(src, cfg, opts, split)
+    try:
+        return _run_rank(src, cfg, opts, split)
+    except InteropError as e:  # weights that do not fit the architecture
+        print(f"dist-llm eval: {e}", file=sys.stderr)
+        return 2
 
 
 def _run_rank(src, cfg, opts: EvalOptions, split: str) -> int:

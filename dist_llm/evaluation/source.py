@@ -44,7 +44,12 @@ def job_config(src: Source, overrides: List[str]) -> JobConfig:
 def load_model(src: Source, cfg: JobConfig, task) -> torch.nn.Module:
     """The plain model of ``task`` with the source's weights, float32, eval mode."""
     model = task.build_model(cfg)
-    load_into(model, load_source_weights(src, cfg.model), str(src.path))
+    state = load_source_weights(src, cfg.model)
+    if "lm_head.weight" in state and "lm_head.weight" not in model.state_dict():
+        # load_source_weights re-ties a GPT head whenever tok_emb.weight is present; encoders
+        # (BERT's tok_emb) have no lm_head of that name
+        del state["lm_head.weight"]
+    load_into(model, state, str(src.path))
     return model.float().eval()
 
 
