@@ -101,7 +101,7 @@ def _threaded_ranks(world: int, fn):
     return out
 
 
-def test_bert_two_slices_give_one_rank_figures(tmp_path):
+def test_bert_two_slices_give_one_rank_figures(tmp_path, capsys):
     """MLM masks depend on the global sample index, so slices see the 1-rank masks."""
     run, cfg, model = _checkpoint(tmp_path, "bert_stdlib", ["data.embedded_max_bytes=200000"])
     val = str(Path(cfg.data.embedded_dir) / "val")
@@ -114,6 +114,10 @@ def test_bert_two_slices_give_one_rank_figures(tmp_path):
     for k in ("mlm_loss", "nsp_loss", "loss"):  # float32 per-batch means over other batches: 1e-6
         assert two[0][k] == pytest.approx(one[k], rel=1e-6), k
     assert one["samples"] == 45 and 0.0 <= one["mlm_accuracy"] <= 1.0
+    # the CLI on the saved checkpoint (weights through load_source_weights) gives the same figures
+    assert eval_main([str(run), "eval.max_samples=45", "eval.batch_size=8"]) == 0
+    cli = _last_json(capsys)
+    assert cli["nsp_accuracy"] == one["nsp_accuracy"] and cli["mlm_loss"] == pytest.approx(one["mlm_loss"], rel=1e-9)
 
 
 def test_bad_sources_exit_2(tmp_path, capsys):
