@@ -123,10 +123,12 @@ def bert_figures(seed: int) -> Dict[str, Any]:
 
 def transfer_figures(work: str) -> Dict[str, Any]:
     """``transfer_gain`` from the fine-tuning helper's ``bench/quality_transfer.py`` when present."""
-    try:
-        from bench.quality_transfer import transfer_gain
-    except ImportError:
-        return {"skipped": ["transfer_gain: bench/quality_transfer.py is not in this checkout"]}
+    if not (Path(__file__).resolve().parent / "quality_transfer.py").is_file():
+        try:
+            from bench.quality_transfer import transfer_gain  # another checkout on the path
+        except ImportError as e:
+            return {"skipped": [f"transfer_gain: bench/quality_transfer.py is not in this checkout ({e})"]}
+    from bench.quality_transfer import transfer_gain
     r = transfer_gain(work)
     return {"transfer_gain": {"mean": r["transfer_gain"], "pretrained": r["pretrained"], "random": r["random"],
                               "chance": r.get("chance"), "setup": r.get("setup"), "seconds": r.get("seconds")}}
