@@ -19,6 +19,7 @@ commands:
   serve    OpenAI-compatible API over a checkpoint: dist-llm serve <checkpoint|run dir> [--port N] [--ray]
   prune    prune a checkpoint: dist-llm prune <ckpt | run dir> --out DIR --method unstructured|structured
   quantize int8 a checkpoint: dist-llm quantize <ckpt | run dir> --out DIR --mode weight_only|dynamic
+  eval     a model's figures on shards: dist-llm eval <run dir | checkpoint | HF dir> [data.val=DIR launcher.nproc=N]
   plan     memory per rank and step time of every layout: dist-llm plan <overrides> [--gpus 8 --gpu-mem 80GB --nodes M]
   doctor   check a job before spending an allocation: dist-llm doctor <train overrides>
 
@@ -68,6 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from importlib import import_module
 
         return import_module(f"dist_llm.cli.{cmd}").main(rest)
+    if cmd == "eval":
+        from dist_llm.cli.eval import main as eval_main
+
+        return eval_main(rest)
     if cmd == "plan":
         from dist_llm.cli.plan import main as plan_main
 
