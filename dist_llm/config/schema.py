@@ -220,6 +220,9 @@ class SampleConfig:
 class UIConfig:
     progress_bar: ProgressBar = ProgressBar.auto
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul on CPU / table on GPU
+    # Exact per-phase times (time/fwd_bwd_s, time/optim_s, ...) on GPU: synchronizes the device at
+    # each phase boundary, so it slows the step a little. Off: host-side times (exact on CPU).
+    breakdown: bool = False
 
 
 @dataclass
@@ -235,6 +238,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    # "<start>:<steps>": a torch.profiler trace of steps start+1 .. start+steps (chrome trace JSON
+    # in <run_dir>/profile/) on the ranks in profile_ranks; "" = off.
+    profile: str = ""
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
 
 
 @dataclass

@@ -8,13 +8,14 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
+from dist_llm.parallel.engine import PhaseClock
 
 
 def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
@@ -60,20 +61,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 
 def train_micro_batches(ds_engine, optimizer, micro_batches: List[torch.Tensor], lr: float,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+                        loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                        clock: Optional[PhaseClock] = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine; returns the sum of
     the micro-batch losses as a float64 scalar on ``device``.
 
     The sum stays on the device: no host sync per micro-batch; the caller reduces it once.
+    ``clock`` gets ``fwd_bwd_s`` (forward, backward and the gradient reduction DeepSpeed runs
+    inside ``backward`` at the boundary) and ``optim_s`` (``step``: the optimizer, and under
+    ZeRO-1/2/3 the parameter all-gather).
     """
+    clock = clock or PhaseClock()
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
         loss = loss_fn(mb)
         ds_engine.backward(loss)
-        ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().double()
+        clock.mark("fwd_bwd_s")
+        ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        clock.mark("optim_s")
     return total
 
 

@@ -92,10 +92,13 @@ class DeepSpeedEngine(Engine):
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
         # Accumulated on the device: no host sync per micro-batch, one all-reduce per step.
-        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device)
+        clock = self.phase_clock()
+        total = train_micro_batches(self.engine, self.optimizer, micro_batches, lr, self._loss, self.device, clock)
         self.layout.all_reduce_sum(total)
         gn = global_grad_norm(self.engine)
-        return StepStats(loss=float(total) / (len(micro_batches) * self.layout.dp), grad_norm=gn)
+        loss = float(total) / (len(micro_batches) * self.layout.dp)  # the step's one host sync
+        clock.mark("comm_s")  # the loss all-reduce (gradient reductions are inside fwd_bwd/optim)
+        return StepStats(loss=loss, grad_norm=gn, timings=clock.times)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:

@@ -59,10 +59,13 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         self.check_micro_batches(micro_batches)
         total = self.loss_total()
+        clock = self.phase_clock()
         total[0] = train_micro_batches(self.ds, self.optimizer, micro_batches, lr,
-                                       lambda mb: self._mean_loss(self.ds, mb), self.layout.device)
+                                       lambda mb: self._mean_loss(self.ds, mb), self.layout.device, clock)
         total[1] = len(micro_batches)
-        return StepStats(loss=self.global_mean(total), grad_norm=global_grad_norm(self.ds))
+        loss = self.global_mean(total)
+        clock.mark("comm_s")
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), timings=clock.times)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
