@@ -178,7 +178,8 @@ def _batch_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
             p.append(f"data.lanes={data.lanes} is not divisible by dp={dp} x data.num_workers={data.num_workers}")
     if data.num_workers < 0:
         p.append(f"data.num_workers={data.num_workers} must be >= 0")
-    choice("data.bad_samples", data.bad_samples, ("raise", "skip"))
+    if data.bad_samples not in ("raise", "skip"):
+        p.append(f"data.bad_samples={data.bad_samples!r} must be raise or skip")
     if not 0.0 <= data.max_bad_fraction < 1.0:
         p.append(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1): the share of samples "
                  f"data.bad_samples=skip may drop before the run stops")
