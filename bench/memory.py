@@ -3,7 +3,7 @@
     python -m bench.memory [--ranks 2] [--layers 12] [--width 512] [--steps 3]
 
 A GPT of ~40M parameters (12 layers, width 512, 320-token vocabulary) in fp32 at a tiny batch
-(1 x 64 per rank), so weights, gradients and Adam state dominate. Each rank samples its RSS
+(2 x 64 per rank, one micro-batch of 1 twice), so weights, gradients and Adam state dominate. Each rank samples its RSS
 (psutil, every 5 ms) from just before the model is built to the end of the steps; the figure is
 peak RSS minus that baseline (imports, process group and loader excluded).
 
@@ -63,7 +63,7 @@ def memory_job(job: Dict, rank: int, world: int) -> Dict:
     from dist_llm.launch.env import read_launch_env
 
     cfg = compose_cfg([*job["overrides"], "name=mem", f"train.max_steps={job['steps']}", "train.micro_batch_size=1",
-                       f"train.global_batch_size={world}", f"model.n_layers={job['layers']}",
+                       f"train.global_batch_size={2 * world}", f"model.n_layers={job['layers']}",
                        f"model.d_model={job['width']}", "model.n_heads=8"], Path(job["workdir"]))
     import deepspeed  # noqa: F401  (imported before the baseline: its import is not training memory)
 

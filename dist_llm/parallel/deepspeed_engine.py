@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+                                                skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import Engine, StepStats
 from dist_llm.parallel.layout import ParallelLayout
 
@@ -81,6 +82,7 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             dist_init_required=False)
+        skip_single_rank_allreduce(self.engine, cfg, layout.dp)
         self.device = layout.device
 
     # --- compute ---

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+                                                skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import zero_state
@@ -38,6 +39,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
             config=deepspeed_config(cfg, layout.dp), mpu=layout.mpu(), dist_init_required=False)
+        skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
 
     def _allreduce_sp_grads_over_tp(self, module: torch.nn.Module) -> None:
