@@ -21,6 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled HF_HUB_O
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
 
+$PY -c 'import torch' 2>/dev/null || { echo "$PY has no torch: this script expects PyTorch preinstalled (set PY=/path/to/python)"; exit 2; }
 stamp "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())')"
 if [[ $SMOKE == 0 ]]; then
   $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible: use --cpu-smoke on a CPU machine")'
