@@ -54,7 +54,13 @@ def compose_cfg(overrides: List[str], workdir: Path):
     from dist_llm.prepare import build_stdlib_corpus
 
     cfg = compose([*BASE, f"output_dir={workdir / 'runs'}", f"data.embedded_dir={workdir / 'data'}", *overrides])
-    build_stdlib_corpus(cfg.data.embedded_dir, cfg.train.seq_len, max_bytes=cfg.data.embedded_max_bytes)
+    import torch.distributed as dist
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if not multi or dist.get_rank() == 0:  # one writer: ranks racing on the same shard files fail
+        build_stdlib_corpus(cfg.data.embedded_dir, cfg.train.seq_len, max_bytes=cfg.data.embedded_max_bytes)
+    if multi:
+        dist.barrier()
     data = dataclasses.replace(cfg.data, train=[DatasetSource(path=str(workdir / "data" / "train"), weight=1.0)],
                                val=str(workdir / "data" / "val"), build_embedded=False)
     return dataclasses.replace(cfg, data=data)
