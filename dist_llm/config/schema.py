@@ -267,6 +267,9 @@ class SampleConfig:
 class UIConfig:
     progress_bar: ProgressBar = ProgressBar.auto
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul on CPU / table on GPU
+    # Exact per-phase times (time/fwd_bwd_s, time/optim_s, ...) on GPU: synchronizes the device at
+    # each phase boundary, so it slows the step a little. Off: host-side times (exact on CPU).
+    breakdown: bool = False
 
 
 @dataclass
@@ -298,6 +301,10 @@ class TrainConfig:
     # Non-finite loss or gradients: the update is never applied; raise = stop | skip = go on, counted.
     nonfinite: NumericsPolicy = NumericsPolicy['raise']
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    # "<start>:<steps>": a torch.profiler trace of steps start+1 .. start+steps (chrome trace JSON
+    # in <run_dir>/profile/) on the ranks in profile_ranks; "" = off.
+    profile: str = ""
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 from dist_llm.config.plan import RunPlan, make_plan
 from dist_llm.config.schema import Choice, JobConfig
@@ -277,7 +277,26 @@ def _loop_problems(cfg: JobConfig) -> List[str]:
         p.append(f"train.checkpoint.keep_last={ck.keep_last} must be >= 1 (the latest checkpoint is always kept)")
     if tr.eval_every and not data.val and not data.build_embedded:
         p.append(f"train.eval_every={tr.eval_every} but data.val is not set: give a validation split or set eval_every=0")
+    try:
+        parse_profile_window(tr.profile)
+    except ValueError as e:
+        p.append(str(e))
     return p
+
+
+def parse_profile_window(spec: str) -> Optional[Tuple[int, int]]:
+    """``train.profile``: "<start>:<steps>" -> (start, steps); "" -> None."""
+    if not spec:
+        return None
+    parts = str(spec).split(":")
+    try:
+        start, steps = (int(x) for x in parts)
+        if start < 0 or steps < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"train.profile={spec!r} must be '<start>:<steps>' with start >= 0 and steps >= 1 "
+                         f"(e.g. train.profile=10:5), or empty to turn profiling off") from None
+    return start, steps
 
 
 def _launcher_problems(cfg: JobConfig, world: int) -> List[str]:

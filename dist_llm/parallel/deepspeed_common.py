@@ -16,7 +16,7 @@ from torch import nn
 
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.engine import Engine, accumulate
+from dist_llm.parallel.engine import Engine, PhaseClock, accumulate
 
 
 def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
@@ -95,7 +95,8 @@ Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
 def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
                         loss_fn: Callable[[Any], Any], device: torch.device,
                         agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None,
-                        metrics_into: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[float, bool, bool]:
+                        metrics_into: Optional[Dict[str, torch.Tensor]] = None,
+                        clock: Optional[PhaseClock] = None) -> Tuple[float, bool, bool]:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
 
     ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
@@ -104,8 +105,12 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     whether loss and gradients are finite; ``owner.step_gate`` then decides whether the update is
     applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO optimizer's
     own overflow check (partitioned gradients this rank cannot see) also withholds the update and
-    counts as non-finite. The loss sum stays on the device until that all-reduce.
+    counts as non-finite. The loss sum stays on the device until that all-reduce. ``clock`` gets
+    ``fwd_bwd_s`` (forward, backward and the gradient reduction DeepSpeed runs inside ``backward``),
+    ``comm_s`` (the agreement all-reduce) and ``optim_s`` (the step; under ZeRO-1/2/3 it includes
+    the parameter all-gather).
     """
+    clock = clock or PhaseClock()
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -124,8 +129,10 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
         total += loss.detach().double()
         if not last:
             ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+    clock.mark("fwd_bwd_s")
     owner.hook_phase("all_reduce:loss+nonfinite")
     loss_mean, finite = agree(total, _local_grads_nonfinite(ds_engine.module, device))
+    clock.mark("comm_s")
     apply = owner.step_gate.allow(loss_mean, finite)
     owner.hook_phase("optimizer_step")
     if apply and before_optimizer_step is not None:
@@ -135,6 +142,7 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     else:
         with _update_withheld(optimizer):
             ds_engine.step()  # the boundary bookkeeping (counters, zeroed grads), no update
+    clock.mark("optim_s")
     overflow = bool(getattr(optimizer, "overflow", False))
     return loss_mean, apply and not overflow, finite and not overflow
 
@@ -183,3 +191,13 @@ def replicated_grad_norm(params) -> float:
             s = p.grad.detach().double().pow(2).sum()
             sq = s if sq is None else sq + s
     return math.sqrt(float(sq)) if sq is not None else math.nan
+
+
+def skip_single_rank_allreduce(ds_engine, cfg: JobConfig, dp: int) -> None:
+    """With one data-parallel rank, ZeRO-0 in fp32 gains nothing from DeepSpeed's gradient
+    all-reduce: it flattens every gradient into a fresh buffer, all-reduces it over one rank and
+    copies it back (exact, so skipping it changes no number) - about a tenth of a small model's
+    step on CPU. ZeRO-1/2/3 and bf16/fp16 keep DeepSpeed's path (their optimizers own the
+    reduction and the partitioned buffers)."""
+    if dp == 1 and cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp32":
+        ds_engine.enable_backward_allreduce = False

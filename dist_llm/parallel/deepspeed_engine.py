@@ -17,7 +17,8 @@ from torch import nn
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
-                                                replicated_grad_norm, train_micro_batches)
+                                                replicated_grad_norm, skip_single_rank_allreduce,
+                                                train_micro_batches)
 from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
 
@@ -85,6 +86,7 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.task.layer_lr_decay), config=self.ds_config,
             dist_init_required=False)
+        skip_single_rank_allreduce(self.engine, cfg, layout.dp)
         self.device = layout.device
         self.task = task
         self.last_eval_metrics = {}
@@ -115,11 +117,12 @@ class DeepSpeedEngine(Engine):
         if self.stage == 0:  # DeepSpeed records no norm at stage 0: count it before the step clips
             own_norm = lambda: norm.setdefault("gn", replicated_grad_norm(self.engine.module.parameters()))  # noqa: E731
         sums: Dict[str, torch.Tensor] = {}
+        clock = self.phase_clock()
         loss, applied, finite = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr,
                                                     self._loss, self.device, self._agree,
-                                                    before_optimizer_step=own_norm, metrics_into=sums)
+                                                    before_optimizer_step=own_norm, metrics_into=sums, clock=clock)
         return StepStats(loss=loss, grad_norm=global_grad_norm(self.engine, norm.get("gn")), applied=applied,
-                         finite=finite, metrics=self._reduce_metrics(sums))
+                         finite=finite, metrics=self._reduce_metrics(sums), timings=clock.times)
 
     def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> Tuple[float, bool]:
         """One all-reduce: the global mean loss and whether any rank saw a non-finite value."""

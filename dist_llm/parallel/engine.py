@@ -17,9 +17,10 @@ engine with ``supports_sharded = False``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ class StepStats:
     finite: bool = True  # loss and gradients were finite on every rank
     # the task's metrics (e.g. mlm_accuracy), each sum/count over the global batch
     metrics: Dict[str, float] = field(default_factory=dict)
+    # Seconds per phase of this step (``fwd_bwd_s``, ``optim_s``, ``comm_s``) where the engine can
+    # tell them apart; empty otherwise. The trainer logs them as ``time/*``.
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 class StepHooks:
@@ -59,6 +63,29 @@ class StepGate:
         return finite
 
 
+class PhaseClock:
+    """Host wall time per phase of one step, with ``perf_counter`` only.
+
+    On a GPU the host runs ahead of the kernels, so the split is only meaningful when ``sync`` is
+    set (``train.ui.breakdown``): then :meth:`mark` synchronizes the device at each phase
+    boundary (a few syncs per step, which is why it is off by default). Without ``sync`` on a
+    GPU the times say where the host spent its time; on CPU they are exact either way.
+    """
+
+    def __init__(self, sync: Optional[Any] = None) -> None:
+        self.sync = sync
+        self.times: Dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """Charge the time since the previous mark to ``phase``."""
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
 class Engine:
     model: nn.Module  # the plain model (unwrapped), e.g. for generation
     step_hooks: List[StepHooks] = []  # set by the trainer; never mutated in place
@@ -67,6 +94,10 @@ class Engine:
     reshardable: bool = False  # its sharded checkpoints load at another world size / tp / pp
     # the task metrics of the last eval_loss call ({name: sum/count over all ranks}); {} for pretrain
     last_eval_metrics: Dict[str, float] = {}
+    phase_sync: Optional[Any] = None  # set by the trainer when train.ui.breakdown is on (GPU)
+
+    def phase_clock(self) -> PhaseClock:
+        return PhaseClock(self.phase_sync)
 
     @property
     def checkpoint_name(self) -> str:

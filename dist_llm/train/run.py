@@ -164,6 +164,12 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
             *debug_callbacks(cfg.debug),
         ]
+        if tr.profile:
+            from dist_llm.train.profiling import ProfilerCallback
+
+            callbacks.append(ProfilerCallback(tr.profile, tr.profile_ranks, layout.rank, run_dir))
+        if tr.ui.breakdown and layout.device.type == "cuda":
+            engine.phase_sync = lambda: torch.cuda.synchronize(layout.device)
         progress = make_progress(tr.max_steps, 0, tr.ui.progress_bar if layout.is_logging_rank else "off")
         requeue = None
         if le.launcher == "slurm" or "SLURM_JOB_ID" in os.environ:

@@ -139,10 +139,15 @@ class Trainer:
                 if self.preempt.agreed(self.layout):
                     self._on_preempt()
                 self.last_lr = lr_at(self.state.step, cfg.optim, tr.max_steps)
+                for cb in self.callbacks:
+                    cb.on_step_begin(self)
+                timer.start()
                 batches = self.train_loader.next_step()
+                data_s = timer.stop()
                 timer.start()
                 stats = self.engine.train_step(batches, self.last_lr)
                 elapsed = timer.stop()
+                stats.timings["data_s"] = data_s
                 if not stats.applied:
                     self._on_withheld_update(stats)
                 elif not math.isfinite(stats.loss):  # an engine that does not consult the step gate

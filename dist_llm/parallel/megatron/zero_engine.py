@@ -16,7 +16,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import deepspeed_config, global_grad_norm, param_groups, train_micro_batches
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+                                                skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import zero_state
@@ -38,6 +39,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
             config=deepspeed_config(cfg, layout.dp), mpu=layout.mpu(), dist_init_required=False)
+        skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
 
     def _allreduce_sp_grads_over_tp(self, module: torch.nn.Module) -> None:
@@ -56,10 +58,13 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
 
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         self.check_micro_batches(micro_batches)
+        clock = self.phase_clock()
         loss, applied, finite = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
                                                     lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
-                                                    lambda s, bad: self._agree(s, bad, len(micro_batches)))
-        return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), applied=applied, finite=finite)
+                                                    lambda s, bad: self._agree(s, bad, len(micro_batches)),
+                                                    clock=clock)
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), applied=applied, finite=finite,
+                         timings=clock.times)
 
     def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, n: int) -> Tuple[float, bool]:
         """The global mean (only the loss-reporting ranks count) and the non-finite flag of every

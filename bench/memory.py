@@ -1,0 +1,118 @@
+"""Peak memory per rank for ZeRO 0/1/2/3 and ZeRO-2 + CPU optimizer offload, beside theory.
+
+    python -m bench.memory [--ranks 2] [--layers 12] [--width 512] [--steps 3]
+
+A GPT of ~40M parameters (12 layers, width 512, 320-token vocabulary) in fp32 at a tiny batch
+(2 x 64 per rank, one micro-batch of 1 twice), so weights, gradients and Adam state dominate. Each rank samples its RSS
+(psutil, every 5 ms) from just before the model is built to the end of the steps; the figure is
+peak RSS minus that baseline (imports, process group and loader excluded).
+
+Theory, fp32 weights and Adam (Ψ parameters, N data-parallel ranks; DeepSpeed keeps an fp32
+master partition even when the weights are fp32): ZeRO-0 16Ψ (weights 4, grads 4, m+v 8);
+ZeRO-1 8Ψ + 12Ψ/N (full weights and grads; master+m+v partitioned); ZeRO-2 4Ψ + 16Ψ/N
+(grads partitioned too); ZeRO-3 16Ψ/N (+ the layer being gathered). Offload moves the
+partitioned 12Ψ/N to host memory, which on a CPU mock cluster is the same RSS: it must match
+ZeRO-2. Writes bench/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict
+
+from bench._loops import compose_cfg, ours, run_ranks, write_result
+
+CONFIGS = {"zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["parallel=zero2"],
+           "zero3": ["parallel=zero3"], "zero2_offload": ["parallel=zero2", "parallel.offload_optimizer=true"]}
+
+
+def theory_bytes_per_param(name: str, n: int) -> float:
+    return {"zero0": 16.0, "zero1": 8 + 12 / n, "zero2": 4 + 16 / n, "zero3": 16 / n,
+            "zero2_offload": 4 + 16 / n}[name]
+
+
+class RssPeak:
+    def __init__(self, every_s: float = 0.005):
+        import psutil
+
+        self.proc, self.every_s, self.peak, self._stop = psutil.Process(), every_s, 0, threading.Event()
+        self.baseline = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return max(self.peak, self.proc.memory_info().rss) - self.baseline
+
+
+def memory_job(job: Dict, rank: int, world: int) -> Dict:
+    import gc
+
+    import torch.distributed as dist
+
+    import dist_llm.models as models_mod
+    from dist_llm.launch.env import read_launch_env
+
+    cfg = compose_cfg([*job["overrides"], "name=mem", f"train.max_steps={job['steps']}", "train.micro_batch_size=1",
+                       f"train.global_batch_size={2 * world}", f"model.n_layers={job['layers']}",
+                       f"model.d_model={job['width']}", "model.n_heads=8"], Path(job["workdir"]))
+    import deepspeed  # noqa: F401  (imported before the baseline: its import is not training memory)
+
+    gc.collect()
+    box: Dict = {}
+    orig = models_mod.build_model
+
+    def build_and_start(model_cfg):  # the baseline is taken right before the weights exist
+        box["rss"] = RssPeak()
+        model = orig(model_cfg)
+        box["params"] = sum(p.numel() for p in model.parameters())
+        return model
+
+    models_mod.build_model = build_and_start
+    try:
+        ours(cfg, read_launch_env())
+    finally:
+        models_mod.build_model = orig
+    peak = box["rss"].stop()
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, peak) if world > 1 else per_rank.__setitem__(0, peak)
+    return {"params": box["params"], "peak_bytes": per_rank}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.configs:
+            r = run_ranks(args.ranks, {"overrides": CONFIGS[name], "steps": args.steps, "layers": args.layers,
+                                       "width": args.width, "workdir": str(Path(d) / name)}, "bench.memory:memory_job")
+            psi = r["params"]
+            measured = max(r["peak_bytes"]) / psi
+            theory = theory_bytes_per_param(name, args.ranks)
+            rows.append({"config": name, "params": psi, "peak_bytes_per_rank": r["peak_bytes"],
+                         "measured_bytes_per_param": measured, "theory_bytes_per_param": theory,
+                         "measured_over_theory": measured / theory})
+    print(f"{'config':<14} {'params':>10} {'peak MB/rank':>12} {'B/param':>8} {'theory':>7} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['config']:<14} {r['params']:>10} {max(r['peak_bytes_per_rank']) / 2**20:>12.0f} "
+              f"{r['measured_bytes_per_param']:>8.2f} {r['theory_bytes_per_param']:>7.2f} {r['measured_over_theory']:>6.2f}")
+    print(f"results: {write_result('memory', {'args': vars(args), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
