@@ -1,4 +1,4 @@
-"""Megatron engine end to end through the real CLI on gloo ranks (tiny 4-layer GPT, fp32).
+"""Megatron engine end to end through the real CLI on gloo ranks (tiny 4-layer GPT, fp32; bf16 at pp > 1).
 
 Every layout trains 20 steps on the same global batch (8 x 32 tokens; lanes make the batches
 independent of dp) and must match tp=pp=dp=1 to 1e-5 relative; checkpoints reshard from
