@@ -155,6 +155,8 @@ def _job(world: int, **par) -> JobConfig:
     (2, dict(vpp=2), "needs parallel.pp >= 2"),
     (2, dict(pp=2, zero_stage=2), "zero_stage=2 with parallel.pp=2"),
     (2, dict(tp=2, zero_stage=3), "zero_stage=3 with parallel.engine=megatron"),
+    (2, dict(pp=2, precision="fp16"), "the megatron engine has no loss scaler"),
+    (2, dict(tp=2, precision="fp16"), "the megatron engine has no loss scaler"),
 ])
 def test_invalid_layouts_fail_at_validation(world, par, needle):
     cfg = _job(world, **par)
@@ -168,7 +170,8 @@ def test_invalid_layouts_fail_at_validation(world, par, needle):
 
 def test_valid_megatron_layouts_pass():
     for world, par in [(2, dict(tp=2)), (2, dict(tp=2, sp=True)), (2, dict(pp=2)), (2, dict(pp=2, vpp=2)),
-                       (4, dict(tp=2, pp=2)), (4, dict(tp=2, zero_stage=2)), (4, dict(pp=2))]:
+                       (4, dict(tp=2, pp=2)), (4, dict(tp=2, zero_stage=2)), (4, dict(pp=2)),
+                       (2, dict(pp=2, precision="bf16")), (4, dict(tp=2, pp=2, vpp=2, precision="bf16"))]:
         validate(_job(world, **par), world)
     cfg = _job(2, tp=2)
     cfg.parallel.engine = "deepspeed"

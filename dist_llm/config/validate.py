@@ -69,9 +69,10 @@ def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
     if par.offload_optimizer or par.offload_params:
         p.append("parallel.offload_optimizer/offload_params are not supported by the megatron engine: use the "
                  "deepspeed engine for CPU offload")
-    if par.precision == "fp16" or (par.precision == "bf16" and par.pp > 1):
-        p.append(f"parallel.precision={par.precision} with parallel.engine=megatron and pp={par.pp}: supported are "
-                 f"fp32, and bf16 with pp=1 (DeepSpeed keeps the fp32 master weights); fp16 loss scaling is not wired")
+    if par.precision == "fp16":
+        p.append(f"parallel.precision=fp16 with parallel.engine=megatron (pp={par.pp}): the megatron engine has no "
+                 f"loss scaler; use parallel.precision=bf16 (fp32 master weights on every layout) or fp32, or the "
+                 f"deepspeed engine for fp16 with dynamic loss scaling")
     return p
 
 

@@ -42,7 +42,10 @@ class MegatronEngineBase(Engine):
         self.mcfg = model.cfg  # resolved preset defaults
         self.gated = self.mcfg.preset == "llama"
         self.tcfg = mm.transformer_config(self.mcfg, par.tp, par.pp, par.vpp, par.sp, DTYPES[par.precision])
-        self.chunks = [c.to(layout.device) for c in mm.build_chunks(self.mcfg, self.tcfg, par.vpp)]
+        # .to(dtype): a few Megatron modules ignore params_dtype (learned position embeddings are a
+        # plain fp32 nn.Embedding); Megatron-LM casts the whole model the same way (Float16Module).
+        dtype = DTYPES[par.precision]
+        self.chunks = [c.to(layout.device, dtype) for c in mm.build_chunks(self.mcfg, self.tcfg, par.vpp)]
         self._load_full(mm.plain_to_megatron(model.state_dict(), self.mcfg))
         self.grad_accum = tr.global_batch_size // (tr.micro_batch_size * layout.dp)
         T = tr.seq_len
@@ -102,10 +105,11 @@ class MegatronEngineBase(Engine):
         returns the full plain state dict. Collective."""
         lay = self.layout
         merged = {}
+        masters = self.master_weights()
         for name, p in sorted(self.local_params().items()):
             if getattr(p, "shared", False):
                 continue  # tied copy on the last stage
-            t = p.detach().float()
+            t = masters[name].detach().float()
             pd = mm.partition_dim(p)
             if pd is not None and lay.tp > 1:
                 parts = [torch.empty_like(t) for _ in range(lay.tp)]
@@ -120,6 +124,18 @@ class MegatronEngineBase(Engine):
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         self._load_full(mm.plain_to_megatron(state, self.mcfg))
         self.weights_changed()
+
+    def master_weights(self) -> Dict[str, torch.Tensor]:
+        """``{name: full-precision weights}`` of this rank's parameters: the fp32 masters where the
+        optimizer path keeps its own (bf16 parameters), else the parameters."""
+        return dict(self.local_params())
+
+    def masters_to_save(self):
+        """``{name: (parameter, fp32 master)}`` to checkpoint beside the weights, or None."""
+        return None
+
+    def set_masters(self, masters: Dict[str, torch.Tensor]) -> None:
+        """Install fp32 masters loaded from a checkpoint (only called when masters_to_save is not None)."""
 
     def weights_changed(self) -> None:
         """Called after new weights were copied in (e.g. to refresh fp32 master copies)."""
@@ -151,8 +167,16 @@ class MegatronEngineBase(Engine):
 
     def save_sharded(self, directory) -> None:
         ckpt.save_sharded(directory, self.layout, self.chunks, self.gather_moments, self.optimizer_step(),
-                          self.cfg.parallel.zero_stage)
+                          self.cfg.parallel.zero_stage, self.masters_to_save())
 
     def load_sharded(self, directory) -> None:
-        got, step = ckpt.load_sharded(directory, self.chunks, self.moment_buffers())
+        buffers = self.masters_to_save()
+        if buffers is not None:  # destinations: zeros, not the live masters
+            buffers = {n: (p, torch.zeros_like(m)) for n, (p, m) in buffers.items()}
+        got, step, masters = ckpt.load_sharded(directory, self.chunks, self.moment_buffers(), buffers)
+        if buffers is not None:
+            if masters is None:
+                self.weights_changed()  # a checkpoint without masters: take the loaded weights
+            else:
+                self.set_masters(masters)
         self.set_moments(got, step)

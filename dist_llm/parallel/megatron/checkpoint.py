@@ -13,6 +13,8 @@ over in that one form (:data:`Moments`), so a checkpoint moves between the two o
   owner writes its moments as the main replica; the other DP ranks hold none.
 
 The AdamW step count (the same for every parameter) goes to ``engine.json``, written by rank 0.
+With bf16 parameters the fp32 master weights are saved too (``optimizer.master.<key>``, sharded
+like the parameter, replicated over DP), so a resume continues from the exact fp32 values.
 This module knows no engine: it receives the model chunks, the moments and the layout.
 """
 from __future__ import annotations
@@ -29,6 +31,13 @@ FORMAT = "dist-llm-megatron/1"
 
 # parameter name -> (parameter, {moment: tensor shaped like it}, owned by this DP rank alone)
 Moments = Dict[str, Tuple[torch.nn.Parameter, Dict[str, torch.Tensor], bool]]
+# parameter name -> (parameter, its fp32 master copy); replicated over DP
+Masters = Dict[str, Tuple[torch.nn.Parameter, torch.Tensor]]
+
+
+def _as_moments(masters: Optional[Masters]) -> Moments:
+    """Masters in the moments form (moment ``master``, not owned: DP rank 0's copy is written)."""
+    return {n: (p, {"master": m}, False) for n, (p, m) in (masters or {}).items()}
 
 
 def _model_sharded(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
@@ -61,7 +70,7 @@ def _optimizer_sharded(moments: Moments, msd: dict) -> Dict[str, object]:
 
 
 def save_sharded(directory, layout, chunks: List[torch.nn.Module], gather_moments: Callable[[], Moments],
-                 optimizer_step: int, zero_stage: int) -> None:
+                 optimizer_step: int, zero_stage: int, masters: Optional[Masters] = None) -> None:
     """Collective. ``gather_moments`` runs on every rank after the directory exists (it may be
     collective itself, as under ZeRO)."""
     from megatron.core import dist_checkpointing
@@ -72,10 +81,12 @@ def save_sharded(directory, layout, chunks: List[torch.nn.Module], gather_moment
     layout.barrier()
     msd = _model_sharded(chunks)
     osd = _optimizer_sharded(gather_moments(), msd)
+    osd.update(_optimizer_sharded(_as_moments(masters), msd))
     dist_checkpointing.save({"model": msd, "optimizer": osd}, str(d))
     if layout.rank == 0:
         meta = {"format": FORMAT, "optimizer_step": optimizer_step, "tp": layout.tp, "pp": layout.pp,
-                "vpp": layout.vpp, "dp": layout.dp, "zero_stage": zero_stage}
+                "vpp": layout.vpp, "dp": layout.dp, "zero_stage": zero_stage,
+                "master_weights": bool(masters)}
         (d / "engine.json").write_text(json.dumps(meta, indent=1))
     layout.barrier()
 
@@ -86,11 +97,12 @@ def read_meta(directory) -> Optional[dict]:
 
 
 @torch.no_grad()
-def load_sharded(directory, chunks: List[torch.nn.Module],
-                 buffers: Moments) -> Tuple[Dict[str, Dict[str, torch.Tensor]], int]:
+def load_sharded(directory, chunks: List[torch.nn.Module], buffers: Moments, masters: Optional[Masters] = None
+                 ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], int, Optional[Dict[str, torch.Tensor]]]:
     """Load the weights into ``chunks`` and the moments of the parameters in ``buffers``
-    (destination tensors, zeros shaped like what this rank keeps). Returns
-    ``({name: {moment: tensor}}, optimizer step)``. Collective."""
+    (destination tensors, zeros shaped like what this rank keeps), and the fp32 masters into
+    ``masters`` when given and the checkpoint has them. Returns ``({name: {moment: tensor}},
+    optimizer step, {name: master} or None)``. Collective."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(directory)
@@ -99,8 +111,12 @@ def load_sharded(directory, chunks: List[torch.nn.Module],
     step = int(meta["optimizer_step"])
     msd = _model_sharded(chunks)
     osd = _optimizer_sharded(buffers, msd)
+    want_masters = bool(masters) and bool(meta.get("master_weights"))  # else: masters from the weights
+    if want_masters:
+        osd.update(_optimizer_sharded(_as_moments(masters), msd))
     loaded = dist_checkpointing.load({"model": msd, "optimizer": osd}, str(directory))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model"][f"chunk{i}"])
     got = {n: {k: loaded["optimizer"][f"{k}.{n}"] for k in MOMENTS} for n in buffers}
-    return got, step
+    got_masters = {n: loaded["optimizer"][f"master.{n}"] for n in masters} if want_masters else None
+    return got, step, got_masters

@@ -17,6 +17,13 @@ smallest optimizer that shards over DP and checkpoints per parameter:
   step count), so checkpoints shard it exactly like the weights and any layout can load it.
 
 With ``shard=False`` (``zero_stage=0``) every DP rank owns everything: plain replicated AdamW.
+
+Mixed precision (bf16 parameters): AdamW runs on fp32 master copies of the parameters
+(``self.masters``); Megatron DDP reduces the gradients in fp32 (``grad_reduce_in_fp32``). The
+owner updates its masters, broadcasts the new fp32 values to the other DP replicas, and every
+rank copies master -> bf16 parameter. Every DP rank keeps the fp32 masters of all its local
+parameters (4 bytes per parameter, not sharded over DP; the moments are): the full-weight export
+and the checkpoint read them on any rank without another collective.
 """
 from __future__ import annotations
 
@@ -51,8 +58,11 @@ class DPShardedAdamW:
         self.shard_dp = dp
         me = layout.dp_rank if shard else 0
         self.owned = [i for i in range(len(self.params)) if self.owner[i] == me]
-        decay = [self.params[i] for i in self.owned if self.params[i].dim() >= 2]
-        no_decay = [self.params[i] for i in self.owned if self.params[i].dim() < 2]
+        # fp32 parameters are their own masters; lower-precision ones get an fp32 copy
+        self.mixed = any(p.dtype != torch.float32 for p in self.params)
+        self.masters = [p.detach().float().clone() if self.mixed else p for p in self.params]
+        decay = [self.masters[i] for i in self.owned if self.params[i].dim() >= 2]
+        no_decay = [self.masters[i] for i in self.owned if self.params[i].dim() < 2]
         groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
                                        eps=optim_cfg.eps)
@@ -80,16 +90,39 @@ class DPShardedAdamW:
             return norm, False
         coef = self.max_norm / (norm + 1e-6) if self.max_norm > 0 else 1.0
         for i in self.owned:
-            p = self.params[i]
-            p.grad = p.main_grad.to(p.dtype) * min(coef, 1.0)
+            m = self.masters[i]
+            m.grad = self.params[i].main_grad.to(m.dtype) * min(coef, 1.0)
         for g in self.inner.param_groups:
             g["lr"] = lr
         self.inner.step()
         for i in self.owned:
-            self.params[i].grad = None
+            self.masters[i].grad = None
         self.step_count += 1
         self._broadcast_from_owners()
+        if self.mixed:
+            for p, m in zip(self.params, self.masters):
+                p.data.copy_(m)
         return norm, True
+
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """The parameters were overwritten (full-weight load): take them as the new masters."""
+        if self.mixed:
+            for p, m in zip(self.params, self.masters):
+                m.copy_(p.detach().float())
+
+    @torch.no_grad()
+    def load_masters(self, masters: Dict[str, torch.Tensor]) -> None:
+        """Install fp32 masters (by parameter name, e.g. from a checkpoint) and copy them into the
+        low-precision parameters."""
+        for name, p, m in zip(self.names, self.params, self.masters):
+            m.copy_(masters[name])
+            if self.mixed:
+                p.data.copy_(m)
+
+    def master_of(self) -> Dict[str, torch.Tensor]:
+        """``{name: fp32 master}`` for every local parameter (the parameter itself in fp32)."""
+        return dict(zip(self.names, self.masters))
 
     def _broadcast_from_owners(self) -> None:
         if self.shard_dp == 1:
@@ -97,7 +130,7 @@ class DPShardedAdamW:
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         for k in range(self.shard_dp):  # one broadcast per owner: its parameters flattened
-            mine = [self.params[i] for i in range(len(self.params)) if self.owner[i] == k]
+            mine = [self.masters[i] for i in range(len(self.params)) if self.owner[i] == k]
             if not mine:
                 continue
             flat = _flatten_dense_tensors([p.data for p in mine])
@@ -111,14 +144,14 @@ class DPShardedAdamW:
         (zeros before the first step, which is what AdamW starts from)."""
         out = {}
         for i in self.owned:
-            st = self.inner.state.get(self.params[i], {})
-            p = self.params[i]
+            p = self.masters[i]
+            st = self.inner.state.get(p, {})
             out[self.names[i]] = {k: st.get(k, torch.zeros_like(p)) for k in ("exp_avg", "exp_avg_sq")}
         return out
 
     def set_moments(self, moments: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:
         for i in self.owned:
-            p = self.params[i]
+            p = self.masters[i]
             m = moments[self.names[i]]
             self.inner.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m["exp_avg"].clone(),
                                    "exp_avg_sq": m["exp_avg_sq"].clone()}

@@ -97,7 +97,7 @@ class MegatronPipelineEngine(MegatronEngineBase):
     def moment_buffers(self) -> Moments:
         local = self.local_params()
         owned = self.optimizer.shard_dp > 1
-        return {n: (local[n], {k: torch.zeros_like(local[n]) for k in MOMENTS}, owned)
+        return {n: (local[n], {k: torch.zeros_like(local[n], dtype=torch.float32) for k in MOMENTS}, owned)
                 for n in self.optimizer.moments()}
 
     def set_moments(self, got: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:
@@ -105,3 +105,19 @@ class MegatronPipelineEngine(MegatronEngineBase):
 
     def optimizer_step(self) -> int:
         return self.optimizer.step_count
+
+    # --- fp32 masters of bf16 parameters ---
+    def master_weights(self) -> Dict[str, torch.Tensor]:
+        return self.optimizer.master_of()
+
+    def masters_to_save(self):
+        if not self.optimizer.mixed:
+            return None
+        local = self.local_params()
+        return {n: (local[n], m) for n, m in self.optimizer.master_of().items()}
+
+    def set_masters(self, masters: Dict[str, torch.Tensor]) -> None:
+        self.optimizer.load_masters(masters)
+
+    def weights_changed(self) -> None:
+        self.optimizer.refresh_masters()
