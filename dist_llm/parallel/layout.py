@@ -224,7 +224,10 @@ def init_layout(cfg: ParallelConfig, le: LaunchEnv) -> ParallelLayout:
     if not dist.is_initialized():
         export_torch_env(le)
         dist.init_process_group(backend=backend, rank=le.rank, world_size=le.world_size,
-                                timeout=timedelta(seconds=max(cfg.timeout_s, cfg.first_step_timeout_s)))
+                                # parallel.timeout_s, not the watchdog's longer first-step allowance: a
+                                # longer timeout here made gloo reuse a dead peer's address after a
+                                # torchrun restart (tests/test_faults_restart.py)
+                                timeout=timedelta(seconds=cfg.timeout_s))
     world = dist.get_world_size()
     rank = dist.get_rank()
     if world != le.world_size:
