@@ -88,40 +88,39 @@ def main(args: List[str]) -> int:
 
 def _run_rank(src, cfg, opts: EvalOptions, split: str) -> int:
     import torch
-    import torch.distributed as dist
 
+    from dist_llm.config.schema import ParallelConfig
     from dist_llm.evaluation.source import describe, load_model
     from dist_llm.evaluation.task_eval import evaluate_task
-    from dist_llm.launch.env import export_torch_env, read_launch_env
+    from dist_llm.launch.env import read_launch_env
+    from dist_llm.parallel.layout import init_layout, shutdown
     from dist_llm.train.tasks import build_task
 
     le = read_launch_env()
     cuda = torch.cuda.is_available()
     device = f"cuda:{le.local_rank}" if cuda else "cpu"
-    if le.is_distributed:
-        export_torch_env(le)
-        dist.init_process_group("nccl" if cuda else "gloo")
+    # Eval is data-parallel only: a plain layout (every rank holds the full model); its collectives
+    # run on the layout's device like the trainer's.
+    layout = init_layout(ParallelConfig(), le) if le.is_distributed else None
     try:
         torch.manual_seed(cfg.train.seed)
         task = build_task(cfg)
         model = load_model(src, cfg, task).to(device)
-        reduce = (lambda t: _all_reduce(t, device)) if le.is_distributed else None
+        reduce = (lambda t: _all_reduce(t, layout)) if layout is not None else None
         res = evaluate_task(task, model, split, le.rank, le.world_size, opts.max_samples, opts.batch_size,
                             device, opts.seq_len, reduce)
         res.update(describe(src), split=split, world_size=le.world_size)
         if le.rank == 0:
             _write_outputs(res, src, cfg, opts)
     finally:
-        if le.is_distributed:
-            dist.destroy_process_group()
+        if layout is not None:
+            shutdown()
     return 0
 
 
-def _all_reduce(t, device) -> None:
-    import torch.distributed as dist
-
-    on = t.to(device)
-    dist.all_reduce(on)
+def _all_reduce(t, layout) -> None:
+    on = t.to(layout.device)
+    layout.all_reduce_world_sum(on)
     t.copy_(on.cpu())
 
 
