@@ -16,8 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from interop_fixtures import TEXT, VOCAB, hf_gpt2, hf_llama, train_hf_tokenizer, write_shards  # noqa: E402
 
-from dist_llm.checkpoint.manager import CheckpointManager
-from dist_llm.parallel.engine import Engine  # noqa: E402
+from dist_llm.checkpoint.manager import CheckpointManager  # noqa: E402
 from dist_llm.cli.main import main as cli_main  # noqa: E402
 from dist_llm.config.schema import DataConfig, DatasetSource, JobConfig, ModelConfig  # noqa: E402
 from dist_llm.config.store import config_to_dict  # noqa: E402
@@ -26,7 +25,7 @@ from dist_llm.interop import InteropError  # noqa: E402
 from dist_llm.interop.init_from import derive_model_config, load_into, resolve_init_from  # noqa: E402
 from dist_llm.interop.tokenizer import tokenizer_from_hf_dir  # noqa: E402
 from dist_llm.models import build_model, generate  # noqa: E402
-from dist_llm.parallel.engine import Engine
+from compress_fixtures import SingleRank, WeightsEngine  # noqa: E402  (shared single-rank save stand-ins)
 
 TOL = 1e-4
 
@@ -85,26 +84,6 @@ def test_init_from_errors_name_file_and_field(tmp_path):
         derive_model_config(ModelConfig(init_from=str(tmp_path / "nope")))
 
 
-class _SingleRank:
-    rank, world_size, dp, tp, pp = 0, 1, 1, 1, 1
-
-    def barrier(self):
-        pass
-
-
-class _WeightsEngine(Engine):
-    """The part of an engine CheckpointManager.save reads: full weights and an optimizer state."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def model_state_dict(self):
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def optimizer_state(self):
-        return {}
-
-
 def _our_checkpoint(tmp_path, cfg: ModelConfig, tok, name: str):
     """Random weights saved through the real CheckpointManager, with real shards for the tokenizer."""
     data_dir = tmp_path / f"data_{name}"
@@ -115,8 +94,8 @@ def _our_checkpoint(tmp_path, cfg: ModelConfig, tok, name: str):
     model = build_model(cfg).eval()
     job = JobConfig(model=cfg, data=DataConfig(train=[DatasetSource(path=str(data_dir / "train"))]))
     run_dir = tmp_path / f"run_{name}"
-    path = CheckpointManager(run_dir, _SingleRank(), keep_last=2).save(
-        7, _WeightsEngine(model), {"step": 7}, {}, config_to_dict(job))
+    path = CheckpointManager(run_dir, SingleRank(), keep_last=2).save(
+        7, WeightsEngine(model), {"step": 7}, {}, config_to_dict(job))
     return model, path, run_dir
 
 

@@ -9,22 +9,9 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import List, Optional
 
-
-class Choice(str, Enum):
-    """A config choice: compares, hashes, prints and formats as its plain string value, so
-    ``kind == "causal"``, ``{"causal": ...}[kind]`` and f-strings behave as before the enums.
-    Member names equal their values: OmegaConf converts a YAML string to a member by name."""
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-    def __format__(self, spec: str) -> str:
-        return str.__format__(str.__str__(self), spec)
-
-    __hash__ = str.__hash__
+from dist_llm.config.schema import Choice
 
 
 class InputFormat(Choice):

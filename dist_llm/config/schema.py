@@ -26,6 +26,8 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+    __hash__ = str.__hash__  # {"fp32": ...}[choice] finds the plain-string key
+
     @classmethod
     def values(cls) -> tuple:
         return tuple(m.value for m in cls)
