@@ -23,7 +23,7 @@ from dist_llm.interop import InteropError  # noqa: E402
 from dist_llm.interop.init_from import load_into, resolve_init_from  # noqa: E402
 from dist_llm.models import build_model  # noqa: E402
 from interop_fixtures import TEXT, train_hf_tokenizer  # noqa: E402
-from test_interop_init_export import _SingleRank, _WeightsEngine  # noqa: E402
+from compress_fixtures import SingleRank, WeightsEngine  # noqa: E402
 
 TOL = 1e-4
 BERT = ModelConfig(preset="bert", n_layers=2, n_heads=4, d_model=32, d_ff=64, max_seq_len=40, vocab_size=320,
@@ -39,8 +39,8 @@ def _checkpoint(tmp_path, cfg: ModelConfig):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    path = CheckpointManager(tmp_path / f"run_{cfg.preset}", _SingleRank(), keep_last=2).save(
-        5, _WeightsEngine(model), {"step": 5}, {}, config_to_dict(JobConfig(model=cfg)))
+    path = CheckpointManager(tmp_path / f"run_{cfg.preset}", SingleRank(), keep_last=2).save(
+        5, WeightsEngine(model), {"step": 5}, {}, config_to_dict(JobConfig(model=cfg)))
     return model, path
 
 
