@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_unit import Callback, CrashAfter, Crash, FakeEngine, make_trainer, shards  # noqa: F401
+from test_trainer_unit import Callback, Crash, CrashAfter, make_trainer, shards  # noqa: F401 (fixture)
 
 from dist_llm.checkpoint import provenance as pv
 from dist_llm.checkpoint.provenance import PROVENANCE_FILE, Ledger, code_revision, launch_record
@@ -213,3 +213,16 @@ def test_a_checkpoint_alone_carries_the_lineage_into_another_run_dir(tmp_path, s
     dst = tmp_path / "dst"  # provenance.json of src is not read: the manifest is the truth at step 2
     _trainer(dst, shards, max_steps=4, checkpoint__every=0, checkpoint__resume=str(src)).fit()
     assert _steps(_manifest(dst, 4)["provenance"]["attempts"]) == [(0, 1, 2, "preempted"), (1, 3, 4, "completed")]
+
+
+def test_extra_manifest_entries_cannot_replace_the_managers_own(tmp_path):
+    from test_trainer_unit import FakeEngine, world1_layout
+
+    from dist_llm.checkpoint.manager import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, world1_layout(), keep_last=2)
+    with pytest.raises(ValueError, match=r"\['files'\]"):
+        manager.save(1, FakeEngine(), {}, {}, {}, extra_manifest={"files": {}})
+    assert manager.latest() is None  # nothing committed
+    path = manager.save(2, FakeEngine(), {}, {}, {}, extra_manifest={"provenance": {"attempts": []}})
+    assert json.loads((path / "manifest.json").read_text())["provenance"] == {"attempts": []}

@@ -73,7 +73,7 @@ class Trainer:
             return None
         extra: Dict[str, Any] = {}
         for cb in self.callbacks:  # e.g. provenance: which attempt trained which steps
-            extra.update(cb.manifest_entries(self))
+            extra.update(getattr(cb, "manifest_entries", lambda _: {})(self))
         path = self.ckpt.save(self.state.step, self.engine, self._trainer_state(),
                               self.train_loader.state_dict(), self.config_dict, extra_manifest=extra)
         self._saved_at = self.state.step
