@@ -107,7 +107,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
     from dist_llm.observability import build_logger, make_progress
     from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
-    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
+    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback, ProvenanceCallback
     from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.tasks import build_task
     from dist_llm.train.tasks.base import TOKENS
@@ -162,6 +162,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
             MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
+            ProvenanceCallback(le),  # which attempt trained which steps: provenance.json + manifests
             *debug_callbacks(cfg.debug),
         ]
         if tr.profile:
