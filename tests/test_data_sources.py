@@ -247,3 +247,17 @@ def test_prepare_publishes_to_a_pipe_command_and_a_directory(tmp_path):
     with pytest.raises(ShardFetchError, match=r"could not write pipe:exit 3 #train/shard-000000\.tar after 2 "
                                               r"attempt\(s\).*status 3"):
         publish(out, "pipe:exit 3 #{name}", ["train", "val"], FetchOptions(retries=1, retry_backoff_s=0.01))
+
+
+def test_doctor_checks_url_sources(own):
+    from dist_llm.train.doctor import check_shards
+
+    root, srv = own
+    cfg = compose([f"data.train=[{{path:'{srv.url}/train'}}]", f"data.val='pipe:cat {root}/val/{{name}}'",
+                   "train.eval_every=5", "data.retries=0"])
+    name, ok, detail = check_shards(cfg)
+    assert ok and detail.startswith("train: 10 shards, first verified; val: 3 shards, first verified"), detail
+    first = json.loads((root / "train" / "manifest.json").read_text())["shards"][0]["file"]
+    (root / "train" / first).write_bytes(b"not the shard")
+    name, ok, detail = check_shards(cfg)
+    assert not ok and detail.startswith(f"train: {srv.url}/train/{first} sha256 "), detail
