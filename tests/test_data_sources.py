@@ -153,6 +153,13 @@ def test_cache_dir_keeps_verified_shards_and_refetches_a_corrupt_copy(own, tmp_p
     cached[0].write_bytes(b"garbage")
     assert _same(_batches(_loader(f"{srv.url}/train", opts)), ref)
     assert len(srv.requests) == 3 and sha256_bytes(cached[0].read_bytes()) == cached[0].stem
+    # a manifest "sha256" that is a path never becomes one under cache_dir (the fetch fails its check)
+    m = json.loads((root / "train" / "manifest.json").read_text())
+    m["shards"][0]["sha256"] = "../../escaped"
+    (root / "train" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ChecksumMismatch, match="manifest says ../../escaped"):
+        _batches(_loader(f"{srv.url}/train", opts))
+    assert not list(tmp_path.rglob("escaped*"))
 
 
 BAD_NAMES = ["../val/shard-000000.tar", "/etc/passwd", "http://evil.example/x.tar", "//evil.example/x.tar",

@@ -44,6 +44,7 @@ log = logging.getLogger("dist_llm.data")
 T = TypeVar("T")
 NAME = "{name}"
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 # curl's exit statuses worth a word (webdataset opens http(s) with curl)
 _CURL = {6: "could not resolve the host", 7: "could not connect", 18: "transfer closed with data missing",
          22: "HTTP error (status >= 400, e.g. 404 not found)", 28: "timed out", 52: "empty reply from the server",
@@ -221,7 +222,8 @@ def remote_bytes(loc: str, sha256: Optional[str], opts: Optional[FetchOptions]) 
     if not is_url(loc):
         return None
     opts = opts or FetchOptions()
-    cached = _cache_file(opts, sha256) if opts.cache_dir and sha256 else None
+    # the name comes from the manifest: only a real digest may become a path under cache_dir
+    cached = _cache_file(opts, sha256) if opts.cache_dir and sha256 and _DIGEST.fullmatch(sha256) else None
     if cached is not None and cached.is_file():
         data = cached.read_bytes()
         if sha256_bytes(data) == sha256:
