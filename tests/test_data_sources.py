@@ -268,3 +268,22 @@ def test_doctor_checks_url_sources(own):
     (root / "train" / first).write_bytes(b"not the shard")
     name, ok, detail = check_shards(cfg)
     assert not ok and detail.startswith(f"train: {srv.url}/train/{first} sha256 "), detail
+
+
+def test_evaluation_reads_url_splits(served):
+    import torch
+
+    from dist_llm.evaluation import evaluate_lm, evaluate_task
+    from dist_llm.train.tasks import build_task
+
+    root, srv = served
+    cfg = compose(["experiment=smoke", "logging=none", f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ}"])
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    model = task.build_model(cfg)
+    ref_task = evaluate_task(task, model, str(root / "val"), max_samples=24, batch_size=8)
+    ref_lm = evaluate_lm(model, str(root / "val"), batch_size=8, max_batches=3)
+    assert ref_task["samples"] == 24 and ref_lm["tokens"] == 24 * SEQ
+    for url in (f"{srv.url}/val", f"pipe:cat {root}/val/{{name}}"):
+        assert evaluate_task(task, model, url, max_samples=24, batch_size=8) == ref_task, url
+        assert evaluate_lm(model, url, batch_size=8, max_batches=3) == ref_lm, url
