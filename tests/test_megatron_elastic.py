@@ -118,15 +118,24 @@ def test_reader_maps_tp2_pp2_checkpoint_to_plain_names(runs, name, step):
         assert got["exp_avg_sq"].min() >= 0 and got["exp_avg_sq"].max() > 0, n
 
 
+def _move(src: Path, out: Path, engine: str, tp: int, pp: int, zero: int, nproc: int) -> Path:
+    """Load ``src``'s layout-neutral state into ``engine`` at (tp, pp, zero) on ``nproc`` ranks and
+    save it again at once (the worker); the new checkpoint."""
+    env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    argv = [WORKER, str(src), str(out), engine, str(tp), str(pp), str(zero)]
+    assert spawn_local(nproc, argv, extra_env=env) == 0
+    (ckpt,) = (out / "checkpoints").glob("step-*[0-9]")
+    return ckpt
+
+
 @pytest.mark.parametrize("name,step,tp,pp,zero", [
     ("mg-tp2pp2", 10, 1, 2, 1),  # pp=2 x dp=2: DPShardedAdamW, owners per parameter; tied head on stage 1
     ("llama-tp2pp2", 5, 2, 1, 2),  # tp=2 x dp=2: DeepSpeed ZeRO-2 partitions; GQA + SwiGLU TP slices
 ])
 def test_loader_puts_plain_state_into_another_layout(runs, tmp_path, name, step, tp, pp, zero):
     src = runs.ckpt(name, step)
-    env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    assert spawn_local(4, [WORKER, str(src), str(tmp_path), str(tp), str(pp), str(zero)], extra_env=env) == 0
-    want, got = read_plain_state(src, _manifest(src)), read_plain_state(tmp_path, _manifest(src))
+    moved = _move(src, tmp_path, "megatron", tp, pp, zero, nproc=4)
+    want, got = read_plain_state(src, _manifest(src)), read_plain_state(moved, _manifest(moved))
     assert got.step == want.step and got.names == want.names
     assert (got.extra["tp"], got.extra["pp"], got.extra["dp"]) == (tp, pp, 4 // (tp * pp))
     for n in want.names:
@@ -151,19 +160,26 @@ def test_registered_for_the_manager():
     assert {"DeepSpeedEngine", "MegatronEngine"} <= set(READERS)
 
 
+MOVES = {  # (source run, target): (engine, tp, pp, zero, ranks)
+    ("ds-z2", "mg-tp2"): ("megatron", 2, 1, 1, 2),
+    ("mg-tp2pp2", "ds-2"): ("deepspeed", 1, 1, 2, 2),
+}
+
+
 @needs_elastic_ds
-@pytest.mark.parametrize("src,target", [("ds-z2", "mg-tp2"), ("mg-tp2pp2", "ds-2")])
-def test_resume_across_engines(runs, src, target):
+@pytest.mark.parametrize("src,target", list(MOVES))
+def test_resume_across_engines(runs, tmp_path, src, target):
     """DeepSpeed 4 ranks ZeRO-2 -> Megatron tp=2 (2 ranks); Megatron tp=2 x pp=2 -> DeepSpeed
-    ZeRO-2 at 2 ranks. ``-from-``: trains steps 11-20; ``-at-``: loads step 10 and saves it again
-    at once (``max_steps=10``), so the moved state is compared where it moved."""
-    resume = f"train.checkpoint.resume={runs.ckpt(src, 10)}"
-    resumed = runs.get(f"{target}-from-{src}", target, [resume])
-    moved = runs.get(f"{target}-at-{src}", target, [resume, "train.max_steps=10"])
+    ZeRO-2 at 2 ranks, through the checkpoint manager: the next 10 losses equal the uninterrupted
+    run's. The moved state itself (the worker loads step 10 into the target and saves it at once)
+    equals the saved one; after 10 more steps the moments still track the uninterrupted run's."""
+    resumed = runs.get(f"{target}-from-{src}", target, [f"train.checkpoint.resume={runs.ckpt(src, 10)}"])
     got, want = metrics(resumed), metrics(runs.get(src))
     assert sorted(got) == list(range(11, 21)), "the resumed run must start after the checkpoint"
     diff = max_rel_diff(got, want, range(11, 21))
-    at_move = _state_diff(moved / "checkpoints" / "step-00000010", runs.ckpt(src, 10))
+    moved = _move(runs.ckpt(src, 10), tmp_path, *MOVES[(src, target)])
+    assert _manifest(moved)["engine"] != _manifest(runs.ckpt(src, 10))["engine"]
+    at_move = _state_diff(moved, runs.ckpt(src, 10))
     later = _state_diff(resumed / "checkpoints" / "step-00000020", runs.ckpt(src, 20), ("exp_avg", "exp_avg_sq"))
     print(f"{src} step 10 -> {target}: next 10 losses max rel diff {diff:.2e}; masters and moments at the "
           f"move {at_move:.2e}, moments at step 20 {later:.2e}")
