@@ -24,6 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class MegatronEngineBase(Engine):
     supports_sharded = True
     reshardable = True  # the checkpoint manager may load a checkpoint saved at another layout
+    # load_plain_optimizer_state: resumes another engine's checkpoint (DeepSpeed), at any layout
+    elastic = True
 
     @property
     def checkpoint_name(self) -> str:
@@ -163,6 +165,21 @@ class MegatronEngineBase(Engine):
         raise NotImplementedError
 
     def optimizer_step(self) -> int:
+        raise NotImplementedError
+
+    # --- elastic resume: a layout-neutral optimizer state (e.g. from a DeepSpeed checkpoint) ---
+    def load_plain_optimizer_state(self, state) -> None:
+        """Take this rank's TP/PP shard of every parameter's fp32 master and AdamW moments from a
+        :class:`~dist_llm.parallel.elastic_state.PlainOptimizerState` (plain names, full tensors),
+        and its step count. The weights are loaded already; the masters overwrite them (equal in
+        fp32 runs, exact fp32 values under bf16). Collective where the optimizer path is (ZeRO)."""
+        from dist_llm.parallel.megatron.elastic import local_slices
+
+        self.install_plain_state(local_slices(self, state), int(state.step))
+
+    def install_plain_state(self, slices: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:
+        """Install ``{Megatron-full name: {"master", "exp_avg", "exp_avg_sq": this rank's slice}}``
+        and the step count (the optimizer path's own way)."""
         raise NotImplementedError
 
     def save_sharded(self, directory) -> None:

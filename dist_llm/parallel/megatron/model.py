@@ -219,9 +219,56 @@ def megatron_to_plain(sd: Tensors, mcfg: ModelConfig) -> Tensors:
             out[f"blocks.{i}.mlp.fc_gate.{kind}"] = gate.contiguous()
             t = up.contiguous()
         out[f"blocks.{i}.{plain}.{kind}"] = t
-    if m.tie_embeddings:
+    if m.tie_embeddings and "tok_emb.weight" in out:  # (a partial dict may lack it)
         out["lm_head.weight"] = out["tok_emb.weight"].clone()  # separate storage (safetensors)
     return out
+
+
+# --- one parameter at a time (elastic resume: optimizer state moves per parameter) ------------
+def megatron_holder(plain: str, mcfg: ModelConfig) -> str:
+    """The Megatron-full parameter that holds plain parameter ``plain`` (SwiGLU's ``fc_gate`` and
+    ``fc_in`` share ``linear_fc1``; a tied ``lm_head`` is the word embedding)."""
+    m = resolve_model_config(mcfg)
+    if plain == "lm_head.weight" and m.tie_embeddings:
+        return _TOP["tok_emb.weight"]
+    if plain in _TOP:
+        return _TOP[plain]
+    mt = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", plain)
+    if not mt:
+        raise KeyError(f"no Megatron name for plain parameter {plain!r}")
+    i, mod, kind = mt.groups()
+    return f"decoder.layers.{i}.{_BLOCK['mlp.fc_in' if mod == 'mlp.fc_gate' else mod]}.{kind}"
+
+
+def plain_sources(megatron: str, mcfg: ModelConfig) -> List[str]:
+    """The plain parameters Megatron-full parameter ``megatron`` is made of (inverse of
+    :func:`megatron_holder`; the last stage's tied output layer is the token embedding)."""
+    m = resolve_model_config(mcfg)
+    if megatron == "output_layer.weight" and m.tie_embeddings:
+        return ["tok_emb.weight"]
+    if megatron in _TOP_INV:
+        return [_TOP_INV[megatron]]
+    mt = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", _from_te(megatron))
+    if not mt:
+        raise KeyError(f"no plain name for Megatron parameter {megatron!r}")
+    i, mod, kind = mt.groups()
+    plain = {v: k for k, v in _BLOCK.items()}[mod]
+    if plain == "mlp.fc_in" and m.preset == "llama":
+        return [f"blocks.{i}.mlp.fc_gate.{kind}", f"blocks.{i}.mlp.fc_in.{kind}"]
+    return [f"blocks.{i}.{plain}.{kind}"]
+
+
+def megatron_full_from_plain(megatron: str, plain: Tensors, mcfg: ModelConfig) -> torch.Tensor:
+    """Megatron-full tensor ``megatron`` from its :func:`plain_sources` (``plain``: name -> tensor)."""
+    if megatron == "output_layer.weight" and resolve_model_config(mcfg).tie_embeddings:
+        return plain["tok_emb.weight"]
+    (t,) = plain_to_megatron(plain, mcfg).values()
+    return t
+
+
+def plain_from_megatron_full(plain: str, megatron: torch.Tensor, mcfg: ModelConfig) -> torch.Tensor:
+    """Plain parameter ``plain`` cut from the Megatron-full tensor of its :func:`megatron_holder`."""
+    return megatron_to_plain({megatron_holder(plain, mcfg): megatron}, mcfg)[plain]
 
 
 # --- Megatron full <-> one tensor-parallel rank -----------------------------------------------

@@ -106,6 +106,11 @@ class MegatronPipelineEngine(MegatronEngineBase):
     def optimizer_step(self) -> int:
         return self.optimizer.step_count
 
+    def install_plain_state(self, slices: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:
+        # masters for every local parameter (fp32: the parameters themselves), moments for the owned
+        self.optimizer.load_masters({n: st["master"] for n, st in slices.items()})
+        self.optimizer.set_moments({n: {k: st[k] for k in MOMENTS} for n, st in slices.items()}, step)
+
     # --- fp32 masters of bf16 parameters ---
     def master_weights(self) -> Dict[str, torch.Tensor]:
         return self.optimizer.master_of()

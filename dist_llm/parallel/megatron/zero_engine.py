@@ -22,7 +22,7 @@ from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import zero_state
 from dist_llm.parallel.megatron.base import MegatronEngineBase
-from dist_llm.parallel.megatron.checkpoint import Moments
+from dist_llm.parallel.megatron.checkpoint import MOMENTS, Moments
 
 
 class MegatronDeepSpeedEngine(MegatronEngineBase):
@@ -106,3 +106,13 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
 
     def optimizer_step(self) -> int:
         return zero_state.optimizer_step(self.optimizer)
+
+    def install_plain_state(self, slices: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:
+        local = self.local_params()
+        with torch.no_grad():
+            for name, st in slices.items():
+                local[name].copy_(st["master"].to(local[name].dtype))
+        # ZeRO-1/2 rebuild their fp32 partitions from the weights just set, then take the moments
+        self.set_moments({n: {k: st[k] for k in MOMENTS} for n, st in slices.items()}, step)
+        if self.zero_stage in (1, 2) and any(p.dtype != torch.float32 for p in local.values()):
+            zero_state.set_fp32_masters(self.optimizer, local, {n: st["master"] for n, st in slices.items()})

@@ -88,3 +88,12 @@ def set_moments(ds_optimizer, params: Params, got: Dict[str, Dict[str, torch.Ten
     for name, mom in got.items():
         for k, v in mom.items():
             safe_set_full_optimizer_state(params[name], v, k)
+
+
+def set_fp32_masters(ds_optimizer, params: Params, masters: Dict[str, torch.Tensor]) -> None:
+    """Exact fp32 masters into ZeRO-1/2's partitions (low-precision parameters round them).
+    Collective over DP."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, m in masters.items():
+        safe_set_full_fp32_param(params[name], m)
