@@ -217,3 +217,14 @@ def test_a_checkpoint_without_a_layout_neutral_copy_needs_its_own_layout(tmp_pat
 def test_engine_base_refuses_a_plain_state_naming_the_engine():
     with pytest.raises(NotImplementedError, match="_PlainEngine cannot load a layout-neutral"):
         Engine.load_plain_optimizer_state(_PlainEngine(0, 0), None)
+
+
+def test_another_non_elastic_engine_at_the_same_layout_takes_the_weights_only(tmp_path):
+    class _Other(_PlainEngine):
+        checkpoint_name = "OtherEngine"
+
+    manifest = {"engine": ENGINE_NAME, "world_size": 2, "files": {"rank-00000.pt": "-", "elastic/rank-00000.json": "-"}}
+    plan = plan_load(tmp_path, manifest, _Layout(2), _Other(0, 0), None)
+    assert plan.mode == "weights" and not plan.restores_rng
+    with pytest.raises(CheckpointError, match="OtherEngine resumes only its own checkpoints"):
+        plan_load(tmp_path, manifest, _Layout(1), _Other(0, 0), None)

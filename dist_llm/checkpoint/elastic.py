@@ -6,6 +6,8 @@ Three ways, chosen from the manifest and the loading engine:
   too when it reshards (unchanged by elastic resume);
 * ``rank``: same layout and engine, and no ``elastic/`` form: each rank restores the optimizer
   partition of its own ``rank-XXXXX.pt`` (checkpoints written before the elastic form);
+* ``weights``: another engine at the same layout that takes no layout-neutral state: weights and
+  loader state only, a fresh optimizer (logged);
 * ``elastic``: everything else that an elastic engine can take: the saving engine's reader
   (:data:`dist_llm.parallel.elastic_state.READERS`) turns the checkpoint into a layout-neutral
   optimizer state, the weights come from ``model.safetensors``, and the engine takes its own
@@ -35,7 +37,7 @@ log = logging.getLogger("dist_llm.checkpoint")
 
 @dataclasses.dataclass(frozen=True)
 class LoadPlan:
-    mode: str  # "sharded" | "rank" | "elastic"
+    mode: str  # "sharded" | "rank" | "elastic" | "weights"
     same_layout: bool
     same_engine: bool
     rank_name: str  # the rank file this rank reads (RNG, loader state, optimizer in "rank" mode)
@@ -74,6 +76,8 @@ def plan_load(path: Path, manifest: Dict[str, Any], layout, engine,
         mode = "rank"
     elif getattr(engine, "elastic", False) and saver in READERS and (has_elastic(manifest) or has_sharded):
         mode = "elastic"
+    elif same_layout and not same_engine:
+        mode = "weights"  # an engine that takes no layout-neutral state: weights only, fresh optimizer
     else:
         raise CheckpointError(
             f"checkpoint {path} was saved by {saved[0]} ranks (tp={saved[1]}, pp={saved[2]}) with engine "

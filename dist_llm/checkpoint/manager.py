@@ -392,6 +392,10 @@ class CheckpointManager:
             load_elastic(path, self.read_manifest(path), engine, plan)
         else:
             engine.load_model_state_dict(load_file(str(path / "model.safetensors")))
+            if plan.mode == "weights":
+                log.warning("%s was saved by engine %s, which %s cannot take optimizer state from: weights "
+                            "loaded, optimizer starts fresh", path, self.read_manifest(path).get("engine"),
+                            engine.checkpoint_name)
         blob = torch.load(path / plan.rank_name, map_location="cpu", weights_only=True)
         if plan.mode == "rank" or (plan.sharded and plan.same_layout):
             engine.load_optimizer_state(blob["optimizer"])

@@ -181,7 +181,9 @@ def write_rank_files(directory: Path, rank: int, world: int, shapes: Dict[str, L
     for name, start, states in fragments:
         slices.append([name, int(start), int(states["master"].numel())])
         for k in STATES:
-            tensors[f"{name}::{k}::{start}"] = states[k].detach().to("cpu", torch.float32, copy=True).contiguous()
+            # views of the partitions when they are CPU fp32 already (no copy: safetensors writes
+            # non-overlapping views of one buffer as they are); a device copy otherwise
+            tensors[f"{name}::{k}::{start}"] = states[k].detach().to("cpu", torch.float32).contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"rank-{rank:05d}"
     save_file(tensors, str(stem) + ".safetensors", metadata={"format": FORMAT})
