@@ -10,9 +10,13 @@ not depend on dp).
 Tolerances: losses 1e-5 relative (the issue's figure). The reduction order differs between
 layouts (4 vs 2 vs 1 ranks, reduce-scatter vs all-reduce), which moves fp32 losses in the 7th-8th
 digit; offload swaps torch's AdamW for DeepSpeed's CPU Adam (the same update in another order of
-operations). Moments: the final checkpoints' layout-neutral states (read back through the
-readers) match to 1e-6 absolute and 1e-4 relative to each tensor's norm (exp_avg_sq is ~1e-6 in
-magnitude, so the absolute figure alone would be vacuous for it).
+operations). The final checkpoints' layout-neutral states (read back through the reader) after
+10 more steps: moments match to 1e-6 absolute (the issue's figure) and 1e-5 of each tensor's norm
+(exp_avg_sq is ~1e-2 at most, so the absolute figure alone would be weak for it); measured: 3e-8
+absolute, 2e-6 relative. Masters (the weights) to 1e-5 absolute and 1e-3 of the norm: Adam divides
+by sqrt(exp_avg_sq), so elements with near-zero gradients turn the reduction-order noise into
+updates of up to ~lr size (measured: 4.5e-6 absolute, 7e-5 relative, on weights of magnitude ~1).
+Had the moments not moved, exp_avg would still carry 0.9**10 = 35% of the lost state at step 20.
 """
 from __future__ import annotations
 
@@ -72,7 +76,8 @@ def test_resume_at_another_layout_continues_the_same_run(runs, name):
     for n in a.names:
         sa, sb = a.get(n), b.get(n)
         for k in STATES:
+            atol, rtol = (1e-5, 1e-3) if k == "master" else (1e-6, 1e-5)
             assert sa[k].abs().sum() > 0, (n, k)
             diff = (sa[k] - sb[k]).abs().max().item()
-            assert diff <= 1e-6, (n, k, diff)
-            assert (sa[k] - sb[k]).norm() <= 1e-4 * sa[k].norm(), (n, k)
+            assert diff <= atol, (n, k, diff)
+            assert (sa[k] - sb[k]).norm() <= rtol * sa[k].norm(), (n, k)

@@ -165,7 +165,8 @@ def _scaler_state(opt) -> Dict[str, Any]:
 def save_rank_state(directory: Path, opt, module: nn.Module, rank: int, world: int, zero_stage: int) -> None:
     """Write this rank's slices of ``opt`` (a DeepSpeed optimizer of ``module``) into ``directory``."""
     names = trainable_names(module)
-    shapes = {names[id(p)]: list(p.shape) for p in module.parameters() if id(p) in names}
+    # ZeRO-3 parameters are empty placeholders outside a gather: their full shape is ds_shape
+    shapes = {names[id(p)]: list(getattr(p, "ds_shape", p.shape)) for p in module.parameters() if id(p) in names}
     write_rank_files(directory, rank, world, shapes, _local_fragments(opt, names, rank, world),
                      {"step": optimizer_step(opt), "zero_stage": zero_stage, "loss_scaler": _scaler_state(opt)})
 
@@ -233,7 +234,7 @@ class _SliceReader:
         out = {k: torch.empty(total, dtype=torch.float32) for k in STATES}
         covered = 0
         for rel, start, numel in sorted(self.where.get(name, []), key=lambda w: w[1]):
-            if start != covered:
+            if start != covered or start + numel > total:
                 break
             f = self._file(rel)
             for k in STATES:
