@@ -102,7 +102,7 @@ def _zero3_slot(opt, p) -> Tuple[torch.Tensor, Dict[str, Any], int, int, int]:
     flat = opt.fp32_partitioned_groups_flat[group]
     start = opt._get_param_partition_rank(p) * numel
     valid = max(0, min(numel, p.ds_numel - start))
-    return flat, opt.optimizer.state[flat], offset, start, valid
+    return flat, opt.optimizer.state.get(flat, {}), offset, start, valid
 
 
 def _local_fragments(opt, names: Dict[int, str], rank: int, world: int) -> Iterator[Fragment]:
@@ -131,6 +131,10 @@ def _local_fragments(opt, names: Dict[int, str], rank: int, world: int) -> Itera
         return
     # ZeRO-0, fp32: a torch optimizer keyed by the parameters (replicated); split by parameter
     params = [p for g in opt.param_groups for p in g["params"] if id(p) in names]
+    if len(params) != len(names):  # e.g. DeepSpeed's fp16 optimizer: flat copies we do not map
+        raise ValueError(f"{type(opt).__name__} holds {len(params)} of the model's {len(names)} trainable "
+                         f"parameters directly: its state cannot be written in the elastic form; use "
+                         f"parallel.precision=fp32/bf16 or parallel.zero_stage >= 1")
     for i, p in enumerate(params):
         if i % world == rank:
             st = opt.state.get(p, {})
