@@ -158,3 +158,12 @@ def test_sigusr1_saves_exits_with_preempted_code_and_resumes(workdir):
     second = _train(workdir, "pre", *args[:2], "train.max_steps=" + str(saved + 3), "train.eval_every=0")
     assert f"at step {saved}" in second.stderr
     assert max(metrics(run)) == saved + 3
+    # Provenance (issue 13 item 5): the final manifest and the run directory list both attempts and
+    # the steps each trained; the first one ended by preemption, at the step it saved.
+    manifest = json.loads((run / "checkpoints" / f"step-{saved + 3:08d}" / "manifest.json").read_text())
+    for attempts in (manifest["provenance"]["attempts"], json.loads((run / "provenance.json").read_text())["attempts"]):
+        assert [(a["attempt"], a["first_step"], a["last_step"], a["ended"]) for a in attempts] == [
+            (0, 1, saved, "preempted"), (1, saved + 1, saved + 3, "completed")]
+        assert all(a["launch"]["world_size"] == 2 and a["launch"]["hosts"] == 1 for a in attempts)
+        assert attempts[1]["resumed_from"]["step"] == saved and attempts[1]["config_sha256"] != attempts[0]["config_sha256"]
+        assert all(a["data"]["train"][0]["manifest_sha256"] for a in attempts)

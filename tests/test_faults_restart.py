@@ -7,6 +7,7 @@ directory, each start resuming what the previous crash left. Run under the share
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -159,6 +160,14 @@ def test_preemption_of_all_ranks_or_one_rank_stops_together_and_resumes_exactly(
         assert f"at step {saved}" in err2
         assert saved + 3 <= ref_stop, (saved, ref_stop)
         _assert_equal_losses(metrics(run), ref, range(1, saved + 4))
+        # Provenance (issue 13 item 5): two attempts, both preempted, each with the steps it trained.
+        stop = int(_latest(run).split("-")[1])  # the second stop: at saved + 3 or a step or two later
+        prov = json.loads((run / "provenance.json").read_text())
+        want = [(0, 1, saved, "preempted"), (1, saved + 1, stop, "preempted")]
+        assert [(a["attempt"], a["first_step"], a["last_step"], a["ended"]) for a in prov["attempts"]] == want
+        manifest = json.loads((_ckpts(run) / _latest(run) / "manifest.json").read_text())
+        assert [(a["attempt"], a["first_step"], a["last_step"], a["ended"])
+                for a in manifest["provenance"]["attempts"]] == want
 
 
 # --- torchrun restarts --------------------------------------------------------------------------

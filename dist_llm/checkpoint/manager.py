@@ -13,6 +13,7 @@ Layout of a run directory::
                                      megatron.core.dist_checkpointing, loadable at another layout
         trainer.json                 step, tokens seen, best validation loss (rank 0)
         manifest.json                sha256 of every file, the config, versions; written last
+                                     (+ ``provenance``: the attempts that trained it)
     checkpoints/latest               name of the newest committed checkpoint
     best/                            weights of the best validation loss so far (model selection)
 
@@ -199,7 +200,8 @@ class CheckpointManager:
 
     # --- save ---
     def save(self, step: int, engine, trainer_state: Dict[str, Any], loader_state: Dict[str, Any],
-             config: Dict[str, Any]) -> Path:
+             config: Dict[str, Any], extra_manifest: Optional[Dict[str, Any]] = None) -> Path:
+        """``extra_manifest``: more top-level manifest entries from the trainer (``provenance``)."""
         name = f"step-{step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         rank = self.layout.rank
@@ -230,6 +232,10 @@ class CheckpointManager:
                         "dp": self.layout.dp, "tp": getattr(self.layout, "tp", 1), "pp": getattr(self.layout, "pp", 1),
                         "engine": engine.checkpoint_name, "files": files, "config": redact(config),
                         "versions": versions()}
+            clash = set(extra_manifest or {}) & set(manifest)
+            if clash:
+                raise ValueError(f"extra_manifest may not replace the manifest's own entries {sorted(clash)}")
+            manifest.update(extra_manifest or {})
             write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
             os.chmod(tmp / "manifest.json", 0o600)  # the config may hold site details
             fsync_dir(tmp)

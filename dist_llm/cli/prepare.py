@@ -18,6 +18,7 @@ _exit_code = 0
 
 def _task(dcfg) -> None:
     global _exit_code
+    from dist_llm.data.sources import ShardFetchError
     from dist_llm.prepare import BadInputError, InputError, run_prepare
 
     try:
@@ -27,11 +28,17 @@ def _task(dcfg) -> None:
         print(f"dist-llm prepare: {e}", file=sys.stderr)
         _exit_code = 2
         return
+    except ShardFetchError as e:  # writing to `destination` failed after its retries
+        print(f"dist-llm prepare: {e}", file=sys.stderr)
+        _exit_code = 1
+        return
     st = result["stats"]
     brief = {"output_dir": cfg.output_dir, "skipped": result.get("skipped", False),
              "records": st["records"], "malformed": st["malformed"], "dropped": st["dropped"],
              "dedup_rate": round(st["dedup_rate"], 4), "splits": result["splits"],
              "seconds": result.get("seconds"), "throughput_mb_s": result.get("throughput_mb_s")}
+    if cfg.destination:
+        brief["destination"] = cfg.destination
     print(json.dumps(brief, indent=1))
     for line in st["malformed_examples"][:10]:
         print(f"dist-llm prepare: skipped malformed input {line}", file=sys.stderr)

@@ -178,6 +178,10 @@ class PrepareConfig:
     # Driver memory for what grows with the corpus (dedup index, plan); past it they go to files
     # under output_dir/.work. Never changes the output. 0 = no limit (all in memory).
     memory_budget_mb: float = 64.0
+    # Also write the finished output here (docs/data-sources.md): a directory, file:///abs/dir, or
+    # pipe:<command reading the file on stdin, {name} = its path in the dataset>, e.g.
+    # 'pipe:aws s3 cp - s3://bucket/web/{name}'. None = output_dir only.
+    destination: Optional[str] = None
     input: PrepareInputConfig = field(default_factory=PrepareInputConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -325,3 +329,18 @@ def _check_run(cfg: PrepareConfig, p: List[str]) -> None:
                  f"index and the plan before they spill to disk; 0 = no limit), e.g. memory_budget_mb=256")
     if not cfg.output_dir:
         p.append("output_dir is empty: name the dataset directory, e.g. output_dir=data/web")
+    _check_destination(cfg.destination, p)
+
+
+def _check_destination(dest: Optional[str], p: List[str]) -> None:
+    if not dest:
+        return
+    if dest.startswith("pipe:") and "{name}" not in dest:
+        p.append(f"destination={dest!r}: a pipe: destination needs {{name}} (the file's path in the dataset), "
+                 f"e.g. 'pipe:aws s3 cp - s3://bucket/web/{{name}}'")
+    elif dest.startswith("file://") and not dest[7:].startswith(("/", "localhost/")):
+        p.append(f"destination={dest!r}: a file: URL needs an absolute path, file:///abs/dir")
+    elif "://" in dest and not dest.startswith("file://"):
+        p.append(f"destination={dest!r}: write to a directory, file:///abs/dir or a pipe: command; for "
+                 f"object storage or HTTP use a command, e.g. 'pipe:aws s3 cp - s3://bucket/web/{{name}}' or "
+                 f"'pipe:curl -sf -T - https://host/web/{{name}}'")

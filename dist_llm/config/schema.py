@@ -177,7 +177,8 @@ class ModelConfig:
 
 @dataclass
 class DatasetSource:
-    """One pre-tokenized shard directory (with a ``manifest.json``) and its blend weight."""
+    """One pre-tokenized shard directory (with a ``manifest.json``), or its file://, http(s):// or
+    pipe: URL (docs/data-sources.md), and its blend weight."""
 
     path: str = "???"
     weight: float = 1.0
@@ -211,6 +212,15 @@ class DataConfig:
     # next good sample; abort when the bad share of samples read exceeds max_bad_fraction).
     bad_samples: str = "raise"
     max_bad_fraction: float = 0.01
+    # Sources named by URL instead of a directory (train[*].path, val): file:///dir,
+    # http(s)://host/dir or pipe:<command printing {name}> (docs/data-sources.md). Verified
+    # remote shards are kept in cache_dir (by sha256; None = fetched into memory when read);
+    # a failed or corrupt fetch is tried again `retries` times after retry_backoff_s * 2^i s;
+    # one fetch taking longer than fetch_timeout_s (0 = no limit) counts as failed.
+    cache_dir: Optional[str] = None
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    fetch_timeout_s: float = 600.0
 
 
 @dataclass

@@ -253,6 +253,37 @@ def _batch_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
     for i, src in enumerate(data.train):
         if src.weight <= 0:
             p.append(f"data.train[{i}].weight={src.weight} must be > 0")
+    return p + _source_problems(data)
+
+
+_URL_SCHEMES = ("file://", "http://", "https://", "pipe:")
+
+
+def _source_problems(data: Any) -> List[str]:
+    """Sources named by URL (dist_llm/data/sources.py reads them) and how they are fetched."""
+    p: List[str] = []
+    named = [(f"data.train[{i}].path", str(s.path)) for i, s in enumerate(data.train)]
+    named += [("data.val", str(data.val))] if data.val else []
+    for field, url in named:
+        if url.startswith("pipe:") and "{name}" not in url:
+            p.append(f"{field}={url!r}: a pipe: source needs {{name}} where the file name goes, e.g. "
+                     f"'pipe:aws s3 cp s3://bucket/web/train/{{name}} -' or 'pipe:cat /data/train/{{name}}'")
+        elif url.startswith("file://") and not url[7:].startswith(("/", "localhost/")):
+            p.append(f"{field}={url!r}: a file: URL needs an absolute path, file:///abs/dir")
+        elif url.startswith(("http://", "https://")) and not url.split("://", 1)[1].split("/", 1)[0]:
+            p.append(f"{field}={url!r} names no host: http(s)://host[:port]/dir")
+        elif "://" in url and not url.startswith(_URL_SCHEMES):
+            p.append(f"{field}={url!r}: only directories, file://, http(s):// and pipe: sources are read; "
+                     f"for object storage use a command, e.g. 'pipe:aws s3 cp {url.rstrip('/')}/{{name}} -'")
+    if data.retries < 0:
+        p.append(f"data.retries={data.retries} must be >= 0 (extra attempts after a failed fetch of a URL source)")
+    if not data.retry_backoff_s >= 0:
+        p.append(f"data.retry_backoff_s={data.retry_backoff_s} must be >= 0 (seconds before the first retry, "
+                 f"doubled for each next one)")
+    if not data.fetch_timeout_s >= 0:
+        p.append(f"data.fetch_timeout_s={data.fetch_timeout_s} must be >= 0 (0 = no limit)")
+    if data.cache_dir is not None and not str(data.cache_dir).strip():
+        p.append("data.cache_dir is empty: give a directory for verified remote shards, or null for no cache")
     return p
 
 

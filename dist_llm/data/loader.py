@@ -26,7 +26,6 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_llm.data.shard_scan import read_checked_records, read_shard, read_token_shard
-from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, read_manifest, shard_path
+from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, manifest_where
+from dist_llm.data.sources import FetchOptions, location, read_split_manifest, remote_bytes
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -108,6 +108,7 @@ class _Source:
     counts: np.ndarray
     fingerprint: str
     first: List[int]  # global index (tar key) of each shard's first sample
+    names: List[str]  # the manifest's file names (files holds where they are: path or URL)
 
 
 # decode(samples, step, global sample indices) -> batch dict: how a task turns records into tensors
@@ -117,24 +118,24 @@ Decode = Callable[[List[Dict[str, Any]], int, List[int]], Dict[str, torch.Tensor
 def _check_format(path: str, m: Dict[str, Any], fmt: str, seq_len: int) -> None:
     got = m.get("format")
     if got != fmt:
-        raise ValueError(f"{Path(path) / 'manifest.json'} holds format {got!r} but the task reads {fmt!r}: "
+        raise ValueError(f"{manifest_where(path)} holds format {got!r} but the task reads {fmt!r}: "
                          f"prepare the data with the matching pack (causal for task=pretrain, bert for "
                          f"task=mlm_nsp, image for task=classify) or pick the task that fits the data")
     if fmt == PAIRS_FORMAT and m.get("seq_len") != seq_len:
-        raise ValueError(f"{Path(path) / 'manifest.json'} has seq_len {m.get('seq_len')} but train.seq_len is "
+        raise ValueError(f"{manifest_where(path)} has seq_len {m.get('seq_len')} but train.seq_len is "
                          f"{seq_len}: set train.seq_len={m.get('seq_len')} or re-run `dist-llm prepare pack=bert` "
                          f"with pack.seq_len={seq_len}")
 
 
 def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool = True,
-                 fmt: str = FORMAT) -> _Source:
-    m = read_manifest(path, expect=fmt)
+                 fmt: str = FORMAT, fetch: Optional[FetchOptions] = None) -> _Source:
+    m = read_split_manifest(path, fmt, fetch)
     check_checksums(path, m, require_checksums)
     if fmt != FORMAT:
         _check_format(path, m, fmt, seq_len)
     elif m["sample_len"] != seq_len + 1:
         raise ValueError(
-            f"{Path(path) / 'manifest.json'} has seq_len {m['seq_len']} but train.seq_len is "
+            f"{manifest_where(path)} has seq_len {m['seq_len']} but train.seq_len is "
             f"{seq_len}: set train.seq_len={m['seq_len']} or re-run `dist-llm prepare` with "
             f"seq_len={seq_len}"
         )
@@ -146,8 +147,9 @@ def _load_source(path: str, weight: float, seq_len: int, require_checksums: bool
     fp = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return _Source(
         path=str(path), weight=float(weight), manifest=m,
-        files=[str(shard_path(path, s)) for s in shards], sha=[s.get("sha256") for s in shards],
+        files=[location(path, s["file"]) for s in shards], sha=[s.get("sha256") for s in shards],
         counts=np.array([s["num_samples"] for s in shards], dtype=np.int64), fingerprint=fp, first=first,
+        names=[str(s["file"]) for s in shards],
     )
 
 
@@ -207,13 +209,14 @@ class _Stream:
     """All lanes of a blend; picklable so DataLoader workers can own a copy."""
 
     def __init__(self, sources: List[_Source], lanes: int, per_lane: int, seed: int,
-                 bad_samples: str = "raise", max_bad_fraction: float = 0.0) -> None:
+                 bad_samples: str = "raise", max_bad_fraction: float = 0.0,
+                 fetch: Optional[FetchOptions] = None) -> None:
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples={bad_samples!r} is not one of {', '.join(BAD_SAMPLE_POLICIES)}")
         self.bad_samples, self.max_bad_fraction = bad_samples, float(max_bad_fraction)
         self.bad_by_shard: Dict[str, int] = {}  # shard file -> bad samples skipped (each shard counted once)
         self.read_by_shard: Dict[str, int] = {}
-        self.sources = sources
+        self.sources, self.fetch = sources, fetch
         self.streams = [_SourceStream(s, i, lanes, seed) for i, s in enumerate(sources)]
         self.blend = BlendSchedule([s.weight for s in sources])
         self.per_lane, self.seed = per_lane, seed
@@ -237,15 +240,16 @@ class _Stream:
         key) or, with ``data.bad_samples=skip``, is counted and its slot takes the shard's next good
         sample: the lane positions stay pure arithmetic, so resume and dp-independence hold."""
         file, n = src.files[shard], int(src.counts[shard])
+        data = remote_bytes(file, src.sha[shard], self.fetch)  # None: a local file, read below
         if self.records:  # BERT pairs / images: structural check only (a bad sample raises)
-            recs = read_checked_records(file, self.format, n, sha256=src.sha[shard])
+            recs = read_checked_records(file, self.format, n, sha256=src.sha[shard], data=data)
             self.read_by_shard[file] = n
             out = np.empty(len(recs), dtype=object)
             for i, r in enumerate(recs):
                 out[i] = r
             return out
         rows, good, problems = read_token_shard(file, self.sample_len, self.dtype, sha256=src.sha[shard],
-                                                first_index=src.first[shard], num_samples=n)
+                                                first_index=src.first[shard], num_samples=n, data=data)
         self.read_by_shard[file] = n
         if not problems:
             return rows
@@ -330,9 +334,11 @@ class TrainLoader:
         max_bad_fraction: float = 0.0,
         fmt: str = FORMAT,
         decode: Optional[Decode] = None,
+        fetch: Optional[FetchOptions] = None,
     ) -> None:
         """``fmt``: the shard format the task reads; for record formats (BERT pairs, images)
-        ``decode`` turns each micro-batch's sample dicts into the task's tensors."""
+        ``decode`` turns each micro-batch's sample dicts into the task's tensors. ``fetch``: how
+        sources named by URL are read (retries, cache; :mod:`dist_llm.data.sources`)."""
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
         for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
@@ -356,7 +362,7 @@ class TrainLoader:
                              f"every worker must own whole lanes; change data.num_workers or data.lanes")
         if fmt != FORMAT and decode is None:
             raise ValueError(f"shard format {fmt!r} needs a decode function (the task's decode_batch)")
-        srcs = [_load_source(str(p), float(w), seq_len, require_checksums, fmt) for p, w in sources]
+        srcs = [_load_source(str(p), float(w), seq_len, require_checksums, fmt, fetch) for p, w in sources]
         for s in srcs[1:]:
             for key in ("dtype", "vocab_size", "classes", "special_ids"):
                 if s.manifest.get(key) != srcs[0].manifest.get(key):
@@ -373,7 +379,7 @@ class TrainLoader:
         self.eos_id = srcs[0].manifest.get("eos_id")
         per_rank = lanes // dp_size
         self.my_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction)
+        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction, fetch)
         self._worker_counts: Dict[int, Tuple[int, int]] = {}
         self._steps = 0
         self._it: Optional[Iterator[Any]] = None
@@ -386,7 +392,7 @@ class TrainLoader:
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
                    train.micro_batch_size, grad_accum, data.seed, data.num_workers,
                    getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
-                   getattr(data, "max_bad_fraction", 0.0), fmt, decode)
+                   getattr(data, "max_bad_fraction", 0.0), fmt, decode, FetchOptions.from_config(data))
 
     @property
     def steps(self) -> int:
@@ -456,7 +462,7 @@ class TrainLoader:
             for s, st in enumerate(self._stream.streams):
                 e, shard, off = st.locate(l, int(drawn[s]))
                 row.append({"source": s, "drawn": int(drawn[s]), "epoch": e,
-                            "shard": Path(st.src.files[shard]).name, "offset": off})
+                            "shard": st.src.names[shard], "offset": off})
             lanes.append(row)
         return {"format": STATE_FORMAT, "steps": self._steps, "dp_size": self.dp_size,
                 **self._layout(), "lane_positions": lanes}
@@ -500,19 +506,20 @@ class ValLoader:
 
     def __init__(self, split_dir: str, seq_len: int, dp_rank: int, dp_size: int,
                  micro_batch_size: int, num_samples: int, require_checksums: bool = True,
-                 fmt: str = FORMAT, decode: Optional[Callable[[List[Dict[str, Any]], List[int]], Any]] = None) -> None:
+                 fmt: str = FORMAT, decode: Optional[Callable[[List[Dict[str, Any]], List[int]], Any]] = None,
+                 fetch: Optional[FetchOptions] = None) -> None:
         """Record formats (``fmt`` BERT pairs / images) are decoded per micro-batch by ``decode``
-        (the task's ``decode_eval_batch(samples, global indices)``)."""
+        (the task's ``decode_eval_batch(samples, global indices)``); ``fetch`` as for TrainLoader."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
-        m = read_manifest(split_dir, expect=fmt)
+        m = read_split_manifest(split_dir, fmt, fetch)
         check_checksums(split_dir, m, require_checksums)
         if fmt != FORMAT:
             if decode is None:
                 raise ValueError(f"shard format {fmt!r} needs a decode function (the task's decode_eval_batch)")
             _check_format(split_dir, m, fmt, seq_len)
         elif m["sample_len"] != seq_len + 1:
-            raise ValueError(f"{Path(split_dir) / 'manifest.json'} has seq_len {m['seq_len']} but "
+            raise ValueError(f"{manifest_where(split_dir)} has seq_len {m['seq_len']} but "
                              f"train.seq_len is {seq_len}: re-run `dist-llm prepare` with seq_len={seq_len}")
         unit = dp_size * micro_batch_size
         n = min(int(num_samples), int(m["num_samples"])) // unit * unit
@@ -522,7 +529,7 @@ class ValLoader:
                              f"split or raise train.eval_batches")
         self.split_dir, self.manifest, self.num_samples = str(split_dir), m, n
         self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-        self.fmt, self.decode = fmt, decode
+        self.fmt, self.decode, self.fetch = fmt, decode, fetch
         self._batches: Optional[List[Any]] = None
 
     def _record_batches(self, lo: int, hi: int) -> List[Any]:
@@ -533,7 +540,9 @@ class ValLoader:
             if seen >= hi:
                 break
             if seen + n > lo and n:
-                got = read_checked_records(shard_path(self.split_dir, sh), self.fmt, n, sha256=sh.get("sha256"))
+                loc = location(self.split_dir, sh["file"])
+                got = read_checked_records(loc, self.fmt, n, sha256=sh.get("sha256"),
+                                           data=remote_bytes(loc, sh.get("sha256"), self.fetch))
                 recs.extend(got[max(lo - seen, 0):hi - seen])
             seen += n
         m = self.micro_batch_size
@@ -554,9 +563,9 @@ class ValLoader:
                     break
                 n = sh["num_samples"]
                 if seen + n > lo and n:
-                    arr = read_shard(shard_path(self.split_dir, sh), self.manifest["sample_len"],
-                                     self.manifest["dtype"], sha256=sh.get("sha256"), first_index=seen,
-                                     num_samples=n)
+                    loc = location(self.split_dir, sh["file"])
+                    arr = read_shard(loc, self.manifest["sample_len"], self.manifest["dtype"], sha256=sh.get("sha256"),
+                                     first_index=seen, num_samples=n, data=remote_bytes(loc, sh.get("sha256"), self.fetch))
                     rows.append(arr[max(lo - seen, 0):hi - seen])
                 seen += n
             x = torch.from_numpy(np.concatenate(rows).astype(np.int64))

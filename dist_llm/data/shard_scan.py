@@ -7,12 +7,12 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dist_llm.data.shards import (CLASSIFY_FORMAT, FORMAT, IMAGES_FORMAT, PAIRS_FORMAT, SFT_FORMAT, PathLike, sample_key,
-                                  sha256_bytes)
+from dist_llm.data.shards import (CLASSIFY_FORMAT, FORMAT, IMAGES_FORMAT, PAIRS_FORMAT, SFT_FORMAT, PathLike, is_url,
+                                  sample_key, sha256_bytes)
 
 # The members every sample of a format has, exactly (a sample with more or fewer is refused).
 MEMBERS = {FORMAT: ("tokens.npy",), PAIRS_FORMAT: ("nsp.cls", "segments.npy", "tokens.npy"),
@@ -20,7 +20,7 @@ MEMBERS = {FORMAT: ("tokens.npy",), PAIRS_FORMAT: ("nsp.cls", "segments.npy", "t
            SFT_FORMAT: ("mask.npy", "tokens.npy")}
 
 
-def _tar_records(data: bytes, p: Path) -> tuple[List[tuple], List[str], set]:
+def _tar_records(data: bytes, p: Any) -> tuple[List[tuple], List[str], set]:
     """``[(key, {field: bytes})]`` in member order and the problems found while parsing.
 
     Parsing stops at a truncated or garbled tar (the samples before it are kept). A key seen
@@ -59,6 +59,11 @@ def _tar_records(data: bytes, p: Path) -> tuple[List[tuple], List[str], set]:
     return recs, problems, dup
 
 
+def _where(path: PathLike) -> Any:
+    """How a shard is named in messages: its path, or its URL as given (``Path`` would fold ``//``)."""
+    return str(path) if is_url(str(path)) else Path(path)
+
+
 def scan_shard(data: bytes, path: PathLike, members: Sequence[str], first_index: Optional[int],
                num_samples: Optional[int]) -> tuple[List[Optional[Dict[str, bytes]]], List[str]]:
     """Match a shard's samples against what its manifest promises.
@@ -68,7 +73,7 @@ def scan_shard(data: bytes, path: PathLike, members: Sequence[str], first_index:
     Returns one entry per expected sample (its fields, or None when it is bad) and one message
     per problem, each naming the shard and the key.
     """
-    p = Path(path)
+    p = _where(path)
     recs, problems, dup = _tar_records(data, p)
     want = set(members)
     if first_index is not None and num_samples is not None:
@@ -107,16 +112,17 @@ def scan_shard(data: bytes, path: PathLike, members: Sequence[str], first_index:
 
 
 def read_token_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str] = None,
-                     first_index: Optional[int] = None, num_samples: Optional[int] = None
-                     ) -> tuple[np.ndarray, np.ndarray, List[str]]:
+                     first_index: Optional[int] = None, num_samples: Optional[int] = None,
+                     data: Optional[bytes] = None) -> tuple[np.ndarray, np.ndarray, List[str]]:
     """A causal token shard as ``(rows [n, sample_len], good [n] bool, problems)``.
 
     ``n`` is ``num_samples`` when given (bad rows are zeros, ``good`` False), else the samples
-    found. A checksum mismatch always raises: that is corruption, not a bad sample.
+    found. A checksum mismatch always raises: that is corruption, not a bad sample. ``data``:
+    the shard's bytes when already fetched (a URL source, :mod:`dist_llm.data.sources`).
     """
-    p = Path(path)
+    p = _where(path)
     try:
-        data = p.read_bytes()
+        data = Path(path).read_bytes() if data is None else data
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"shard {p} is listed in the manifest but missing; re-run `dist-llm prepare`"
@@ -148,7 +154,8 @@ def read_token_shard(path: PathLike, sample_len: int, dtype: str, sha256: Option
 
 
 def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str] = None,
-               first_index: Optional[int] = None, num_samples: Optional[int] = None) -> np.ndarray:
+               first_index: Optional[int] = None, num_samples: Optional[int] = None,
+               data: Optional[bytes] = None) -> np.ndarray:
     """Read a whole shard into an array ``[num_samples, sample_len]`` of ``dtype``.
 
     Shards are small and read whole, so when ``sha256`` is given the bytes already in memory
@@ -157,7 +164,7 @@ def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str
     manifest's keys when ``first_index``/``num_samples`` are given); otherwise ValueError naming
     the shard and the key.
     """
-    rows, good, problems = read_token_shard(path, sample_len, dtype, sha256, first_index, num_samples)
+    rows, good, problems = read_token_shard(path, sample_len, dtype, sha256, first_index, num_samples, data)
     if problems:
         raise ValueError(f"{problems[0]}; the shard does not match its manifest: re-run `dist-llm prepare`, or "
                          f"skip such samples with data.bad_samples=skip" + (f" ({len(problems)} problems)"
@@ -165,16 +172,16 @@ def read_shard(path: PathLike, sample_len: int, dtype: str, sha256: Optional[str
     return rows
 
 
-def read_checked_records(path: PathLike, fmt: str, num_samples: int, sha256: Optional[str] = None
-                         ) -> List[Dict[str, bytes]]:
+def read_checked_records(path: PathLike, fmt: str, num_samples: int, sha256: Optional[str] = None,
+                         data: Optional[bytes] = None) -> List[Dict[str, bytes]]:
     """Every sample of a shard of format ``fmt`` (pairs, images, tokens) as ``{"__key__": key,
     field: bytes}``, after checking it against the manifest: the checksum, ``num_samples``
     samples with unique increasing keys, each with exactly the format's members (``MEMBERS``).
     ValueError names the shard and the key. For the loaders of non-causal packs."""
     if fmt not in MEMBERS:
         raise ValueError(f"unknown shard format {fmt!r}; known: {', '.join(MEMBERS)}")
-    p = Path(path)
-    data = p.read_bytes()
+    p = _where(path)
+    data = Path(path).read_bytes() if data is None else data
     if sha256 is not None and sha256_bytes(data) != sha256:
         raise ValueError(f"checksum mismatch for {p}: manifest says {sha256}, file has {sha256_bytes(data)}; "
                          f"re-run `dist-llm prepare`")

@@ -246,6 +246,25 @@ class ShardWriter:
 _REQUIRED = ("seq_len", "sample_len", "dtype", "vocab_size", "num_samples", "shards")
 
 
+# A split is a directory or a URL prefix (dist_llm/data/sources.py opens the URLs).
+URL_PREFIXES = ("file://", "http://", "https://", "pipe:")
+
+
+def is_url(split: PathLike) -> bool:
+    """Whether ``split`` names shards by URL (``file://``, ``http(s)://``, ``pipe:``), not a directory."""
+    return isinstance(split, str) and split.startswith(URL_PREFIXES)
+
+
+def manifest_where(split: PathLike) -> str:
+    """Where a split's manifest is, for messages: ``<dir>/manifest.json`` or the URL/command."""
+    if not is_url(split):
+        return str(Path(split) / MANIFEST)
+    s = str(split)
+    if "{name}" in s:
+        return s.replace("{name}", MANIFEST)
+    return s.rstrip("/") + "/" + MANIFEST
+
+
 def read_manifest(split_dir: PathLike, expect: str = FORMAT) -> Dict[str, Any]:
     """Load and sanity-check ``split_dir/manifest.json``; ``expect`` names the format wanted."""
     d = Path(split_dir)
@@ -260,8 +279,18 @@ def read_manifest(split_dir: PathLike, expect: str = FORMAT) -> Dict[str, Any]:
             f"no manifest.json in {d}: the split is incomplete or not a dist-llm token dataset; "
             f"run `dist-llm prepare` (again) to write it"
         )
+    manifest = parse_manifest(path.read_bytes(), str(path), expect)
+    for entry in manifest["shards"]:
+        shard_path(d, entry)
+    return manifest
+
+
+def parse_manifest(text: bytes, where: str, expect: str = FORMAT) -> Dict[str, Any]:
+    """Parse and sanity-check a split manifest's bytes (read from ``where``, named in errors);
+    shard file names are checked by the caller, who knows where they are read from."""
+    path = where
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(text.decode("utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-run `dist-llm prepare`") from e
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
@@ -284,8 +313,6 @@ def read_manifest(split_dir: PathLike, expect: str = FORMAT) -> Dict[str, Any]:
         raise ValueError(f"{path}: sample_len {manifest['sample_len']} != seq_len + 1 ({manifest['seq_len']} + 1)")
     if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
         raise ValueError(f"{path}: the shards' num_samples do not add up to num_samples; re-run `dist-llm prepare`")
-    for entry in manifest["shards"]:
-        shard_path(d, entry)
     return manifest
 
 
@@ -301,7 +328,7 @@ def check_checksums(split_dir: PathLike, manifest: Dict[str, Any], require: bool
         return
     missing = [s.get("file") for s in manifest["shards"] if s.get("num_samples") and not s.get("sha256")]
     if missing:
-        raise ValueError(f"{Path(split_dir) / MANIFEST} lists shard(s) without a sha256 ({', '.join(map(str, missing[:3]))}"
+        raise ValueError(f"{manifest_where(split_dir)} lists shard(s) without a sha256 ({', '.join(map(str, missing[:3]))}"
                          f"{', ...' if len(missing) > 3 else ''}): re-run `dist-llm prepare`, or accept unchecked "
                          f"shards with data.require_checksums=false")
 

@@ -13,7 +13,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from dist_llm.data import ValLoader, read_manifest
+from dist_llm.data import ValLoader
+from dist_llm.data.sources import read_split_manifest
 
 
 def evaluate_lm(model: torch.nn.Module, shard_dir: str, seq_len: Optional[int] = None, batch_size: int = 8,
@@ -22,7 +23,7 @@ def evaluate_lm(model: torch.nn.Module, shard_dir: str, seq_len: Optional[int] =
 
     ``seq_len`` None = the split's own; ``max_batches`` 0 = the whole split.
     """
-    manifest = read_manifest(shard_dir)
+    manifest = read_split_manifest(shard_dir)  # a directory or a URL (dist_llm/data/sources.py)
     seq_len = int(manifest["seq_len"]) if seq_len is None else seq_len
     num_samples = int(manifest["num_samples"]) if max_batches == 0 else max_batches * batch_size
     loader = ValLoader(shard_dir, seq_len, dp_rank=0, dp_size=1, micro_batch_size=batch_size,

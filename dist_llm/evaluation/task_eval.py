@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from dist_llm.data.shard_scan import read_checked_records, read_shard
-from dist_llm.data.shards import read_manifest, shard_path
+from dist_llm.data.shards import is_url
+from dist_llm.data.sources import location, read_split_manifest, remote_bytes
 from dist_llm.evaluation.classes import class_figures, confusion_update
 from dist_llm.parallel.engine import accumulate, batch_to
 from dist_llm.train.tasks.base import TOKENS, Task
@@ -38,13 +39,14 @@ def _read_samples(split_dir: str, manifest: Dict[str, Any], fmt: str, lo: int, h
         if seen >= hi:
             break
         if seen + n > lo and n:
-            path = shard_path(split_dir, sh)
+            path = location(split_dir, sh["file"])  # a local file or a URL (dist_llm/data/sources.py)
+            data = remote_bytes(path, sh.get("sha256"), None)
             if fmt == TOKENS:
                 arr = read_shard(path, manifest["sample_len"], manifest["dtype"], sha256=sh.get("sha256"),
-                                 first_index=seen, num_samples=n)
+                                 first_index=seen, num_samples=n, data=data)
                 rows.append(arr[max(lo - seen, 0):hi - seen])
             else:
-                rows.extend(read_checked_records(path, fmt, n, sha256=sh.get("sha256"))[max(lo - seen, 0):hi - seen])
+                rows.extend(read_checked_records(path, fmt, n, sha256=sh.get("sha256"), data=data)[max(lo - seen, 0):hi - seen])
         seen += n
     if fmt == TOKENS:
         return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, manifest["sample_len"]), np.int64)
@@ -72,7 +74,7 @@ def evaluate_task(task: Task, model: torch.nn.Module, split_dir: str, rank: int 
 
     ``all_reduce(tensor)`` sums a float64 tensor over ranks in place (None on one rank).
     """
-    manifest = read_manifest(split_dir, expect=task.sample_format)
+    manifest = read_split_manifest(split_dir, task.sample_format)
     task.setup_data(manifest)
     total = int(manifest["num_samples"]) if max_samples <= 0 else min(max_samples, int(manifest["num_samples"]))
     lo, hi = rank_slice(total, rank, world)
@@ -139,7 +141,7 @@ def _reduce(task: Task, sums: Dict[str, torch.Tensor], loss_sum: torch.Tensor, c
 
 
 def split_path(path: str) -> str:
-    if not (Path(path) / "manifest.json").is_file():
+    if not is_url(path) and not (Path(path) / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} has no manifest.json: pass a shard split written by `dist-llm prepare` "
                                 f"(data.val=<dir>)")
     return path

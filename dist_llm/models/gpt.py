@@ -121,6 +121,26 @@ def repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return x if repeats == 1 else x.repeat_interleave(repeats, dim=1)
 
 
+def grouped_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                             repeats: int) -> torch.Tensor:
+    """Attention of ``q`` [B, H, T, hd] over cached ``k``/``v`` [B, Hkv, L, hd] (inference).
+
+    Instead of repeating every cached key/value head for its ``repeats`` query heads (a copy of
+    the whole cache per layer per decoding step), the query heads of a group are folded into the
+    query axis: [B, Hkv, repeats*T, hd] attends to the group's one key/value head, and the mask
+    [B, 1, T, L] is tiled to match. Same maths, a ``repeats``-times smaller copy."""
+    batch, heads, seq, head_dim = q.shape
+    # a strided view of the cache is many times slower in SDPA on CPU: one contiguous copy
+    k, v = k.contiguous(), v.contiguous()
+    if repeats == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grouped = q.reshape(batch, heads // repeats, repeats * seq, head_dim)  # head h -> group h // repeats
+    if mask is not None:
+        mask = mask.repeat(1, 1, repeats, 1)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, seq, head_dim)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal attention through SDPA (flash / memory-efficient
     kernels when present)."""
@@ -151,16 +171,16 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        repeats = self.n_heads // self.n_kv_heads
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        repeats = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
-        if cache is not None:  # a strided view of the cache is many times slower in SDPA on CPU
-            k, v = k.contiguous(), v.contiguous()
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            out = grouped_cached_attention(q, k, v, mask, repeats)
+        else:
+            k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.resid_dropout(self.proj(out))
 

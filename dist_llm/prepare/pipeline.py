@@ -50,6 +50,7 @@ def config_dict(cfg: PrepareConfig) -> Dict[str, Any]:
 
     d = config_to_dict(cfg)
     d.pop("debug", None)
+    d.pop("destination", None)  # where a copy goes (a command may hold credentials): not the output
     return d
 
 
@@ -101,6 +102,7 @@ def run_prepare(cfg: PrepareConfig, engine: Optional[Engine] = None) -> Dict[str
     fp = output_fingerprint(cfg)
     finished = _finished(out, fp)
     if finished is not None:
+        _publish(cfg, out)
         return finished
     _start_work(work, fp)
     engine = engine or make_engine(cfg.engine, cfg.workers, cfg.ray_address)
@@ -143,7 +145,16 @@ def run_prepare(cfg: PrepareConfig, engine: Optional[Engine] = None) -> Dict[str
     os.replace(tmp, out / MANIFEST)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
+    _publish(cfg, out)
     return result
+
+
+def _publish(cfg: PrepareConfig, out: Path) -> None:
+    """``destination``: copy the finished output there (dist_llm/prepare/publish.py)."""
+    if cfg.destination:
+        from dist_llm.prepare.publish import publish
+
+        publish(out, cfg.destination, list(SPLITS))
 
 
 def _finished(out: Path, fp: str) -> Optional[Dict[str, Any]]:

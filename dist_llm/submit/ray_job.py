@@ -46,7 +46,7 @@ def absolutize_paths(cfg: JobConfig, base: Optional[str] = None) -> JobConfig:
     base_p = Path(base or os.getcwd())
 
     def ab(p: Optional[str]) -> Optional[str]:
-        if not p or "://" in p:
+        if not p or "://" in p or p.startswith("pipe:"):  # URLs and commands stay as given
             return p
         return str(p if os.path.isabs(p) else (base_p / p).resolve())
 

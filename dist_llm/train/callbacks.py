@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from dist_llm.checkpoint import provenance
 from dist_llm.observability import Throughput, memory_stats, mfu
+from dist_llm.observability.redact import redact_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from dist_llm.parallel.engine import StepStats
@@ -23,6 +25,11 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None: ...
     def on_exception(self, trainer: "Trainer", exc: BaseException) -> None:
         """``fit`` is leaving with ``exc`` (re-raised after every callback saw it)."""
+
+    def manifest_entries(self, trainer: "Trainer") -> Dict[str, Any]:
+        """Top-level entries for the manifest of the checkpoint being saved now (every rank is
+        asked; rank 0's answer is written)."""
+        return {}
 
 
 class MetricsCallback(Callback):
@@ -78,6 +85,49 @@ class CheckpointCallback(Callback):
             st.best_val_loss, st.best_step = val_loss, st.step
             if self.keep_best and st.step > 0:
                 trainer.ckpt.save_best(trainer.engine, st.step, val_loss)
+
+
+class ProvenanceCallback(Callback):
+    """Which attempt trained which steps, with its code, packages, config, data and allocation
+    (dist_llm/checkpoint/provenance.py): ``<run_dir>/provenance.json`` and the ``provenance``
+    entry of every checkpoint manifest. Rank 0 keeps the ledger; every rank joins the one
+    gather of host names at the start."""
+
+    def __init__(self, launch_env):
+        self.launch_env = launch_env
+        self.started_at = provenance.now_iso()
+        self.ledger: Optional[provenance.Ledger] = None
+
+    def on_train_start(self, trainer):
+        hosts = trainer.layout.all_gather_object(provenance.local_hostname())
+        if trainer.layout.rank != 0:
+            return
+        data = trainer.cfg.data
+        record = provenance.attempt_record(trainer.config_dict, provenance.data_fingerprints(data.train, data.val),
+                                           provenance.launch_record(self.launch_env, hosts))
+        self.ledger = provenance.Ledger.start(trainer.ckpt.run_dir, record, trainer.config_dict,
+                                              trainer.state.step, trainer.resumed_from, self.started_at)
+        self.ledger.write()
+
+    def manifest_entries(self, trainer):
+        if self.ledger is None:
+            return {}
+        ended = trainer.ending or ("completed" if trainer.state.step >= trainer.cfg.train.max_steps else None)
+        self.ledger.update(trainer.state.step, ended)
+        self.ledger.write()
+        return {"provenance": self.ledger.manifest_entry()}
+
+    def on_train_end(self, trainer):
+        if self.ledger is not None:
+            self.ledger.update(trainer.state.step, "completed")
+            self.ledger.write()
+
+    def on_exception(self, trainer, exc):
+        if self.ledger is not None:
+            self.ledger.update(trainer.state.step, trainer.ending or "crashed")
+            if not trainer.ending:
+                self.ledger.current["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+            self.ledger.write()
 
 
 class StepTimer:

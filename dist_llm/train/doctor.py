@@ -45,7 +45,10 @@ def data_dirs(cfg: JobConfig) -> List[Tuple[str, str, bool]]:
 def check_shards(cfg: JobConfig) -> Row:
     """Manifest readable (paths inside the split, checksums present) and the first shard's
     sha256 equal to the manifest's, for every split this job reads."""
-    from dist_llm.data.shards import check_checksums, read_manifest, shard_path
+    from dist_llm.data.shards import check_checksums, sha256_bytes
+    from dist_llm.data.sources import FetchOptions, location, read_split_manifest, remote_bytes
+
+    fetch = FetchOptions.from_config(cfg.data)
 
     seen = []
     for role, d, built_by_train in data_dirs(cfg):
@@ -53,14 +56,15 @@ def check_shards(cfg: JobConfig) -> Row:
             seen.append(f"{role}: {d} (built by the first train run)")
             continue
         try:
-            m = read_manifest(d)
+            m = read_split_manifest(d, opts=fetch)  # a directory or a URL prefix
             check_checksums(d, m, cfg.data.require_checksums)
             shards = [s for s in m["shards"] if s.get("num_samples", 1) > 0]
             if not shards:
                 return "shards", False, f"{role}: {d}/manifest.json lists no non-empty shard"
-            first = shard_path(d, shards[0])
+            first = location(d, shards[0]["file"])
             want = shards[0].get("sha256")
-            got = _sha256(first)
+            data = remote_bytes(first, None, fetch)  # None: a local file
+            got = _sha256(Path(first)) if data is None else sha256_bytes(data)
             if want and got != want:
                 return "shards", False, f"{role}: {first} sha256 {got[:12]}... != manifest {want[:12]}..."
             seen.append(f"{role}: {len(shards)} shards, first verified" if want else

@@ -107,7 +107,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
     from dist_llm.observability import build_logger, make_progress
     from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
-    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback
+    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback, ProvenanceCallback
     from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.tasks import build_task
     from dist_llm.train.tasks.base import TOKENS
@@ -140,9 +140,12 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
                              f"{train_loader.vocab_size}")
         val_loader = None
         if cfg.data.val and tr.eval_every:
+            from dist_llm.data.sources import FetchOptions
+
             val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
                                    tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums,
-                                   fmt=task.sample_format, decode=task.decode_eval_batch if records else None)
+                                   fmt=task.sample_format, decode=task.decode_eval_batch if records else None,
+                                   fetch=FetchOptions.from_config(cfg.data))
 
         _seed_all(tr.seed)  # identical initial weights on every rank
         model = task.build_model(cfg)
@@ -162,6 +165,7 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
             MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
             EvalLogCallback(),
             CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
+            ProvenanceCallback(le),  # which attempt trained which steps: provenance.json + manifests
             *debug_callbacks(cfg.debug),
         ]
         if tr.profile:
@@ -208,9 +212,15 @@ def _sample(cfg: JobConfig, engine, layout) -> Optional[str]:
     weights = engine.model_state_dict()  # collective
     if layout.rank != 0:
         return None
-    src = Path(cfg.data.train[0].path)
-    meta = json.loads((src / "manifest.json").read_text()).get("tokenizer") or {"kind": "byte"}
-    tok = load_tokenizer(meta, src.parent)
+    from dist_llm.data.sources import FetchOptions, is_url, read_split_manifest
+
+    if is_url(cfg.data.train[0].path):  # the meta is in the split manifest (files of an hf tokenizer are not fetched)
+        meta = read_split_manifest(cfg.data.train[0].path, opts=FetchOptions.from_config(cfg.data)).get("tokenizer")
+        tok = load_tokenizer(meta or {"kind": "byte"})
+    else:
+        src = Path(cfg.data.train[0].path)
+        meta = json.loads((src / "manifest.json").read_text()).get("tokenizer") or {"kind": "byte"}
+        tok = load_tokenizer(meta, src.parent)
     model = build_model(cfg.model)
     model.load_state_dict(weights)
     prompt = torch.tensor([tok.encode(cfg.train.sample.prompt)], dtype=torch.long)

@@ -52,6 +52,8 @@ class Trainer:
         self.last_lr = 0.0
         self.preempt = PreemptionFlag(ckpt.run_dir / PREEMPT_FILE)  # the file: preemption off the main thread
         self._saved_at = -1
+        self.resumed_from: Optional[Path] = None  # the checkpoint maybe_resume loaded
+        self.ending: Optional[str] = None  # "preempted" while the preemption checkpoint is saved
         self.gate = NumericsGate(cfg.train)
         engine.step_gate = self.gate
         self.step_hooks = [cb for cb in callbacks if isinstance(cb, StepHooks)]
@@ -69,8 +71,11 @@ class Trainer:
     def save_checkpoint(self) -> Optional[Path]:
         if self._saved_at == self.state.step:
             return None
+        extra: Dict[str, Any] = {}
+        for cb in self.callbacks:  # e.g. provenance: which attempt trained which steps
+            extra.update(getattr(cb, "manifest_entries", lambda _: {})(self))
         path = self.ckpt.save(self.state.step, self.engine, self._trainer_state(),
-                              self.train_loader.state_dict(), self.config_dict)
+                              self.train_loader.state_dict(), self.config_dict, extra_manifest=extra)
         self._saved_at = self.state.step
         log.info("checkpoint committed: %s", path)
         return path
@@ -89,6 +94,7 @@ class Trainer:
                 setattr(self.state, k, v if v is not None else getattr(TrainState(), k))
         self.gate.load_state(self.state.recent_losses)
         self._saved_at = self.state.step
+        self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # --- loop ---
@@ -103,6 +109,7 @@ class Trainer:
 
     def _on_preempt(self) -> None:
         log.warning("preemption signal received: saving a checkpoint at step %d", self.state.step)
+        self.ending = "preempted"
         self.save_checkpoint()
         self.logger.finish(exit_code=EXIT_PREEMPTED)
         if self.layout.rank == 0 and self.requeue is not None:
