@@ -63,8 +63,11 @@ def _tensors(obj, out=None):
 
 
 def _moments(job: Path, name: str, step: int, rank: int):
-    blob = torch.load(_ckpt(job, name, step) / f"rank-{rank:05d}.pt", weights_only=True)
-    return _tensors(blob["optimizer"])
+    """This rank's optimizer slices (masters, moments) from the checkpoint's elastic/ form."""
+    from safetensors.torch import load_file
+
+    blob = load_file(str(_ckpt(job, name, step) / "elastic" / f"rank-{rank:05d}.safetensors"))
+    return _tensors(blob)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ checked by the manager's load plan; this module adds what it did not see:
   would not fit, or worse, fit with another meaning (``n_heads`` at the same ``d_model``);
 * **precision**: bf16/fp16 runs keep fp32 master weights and loss-scaler state in the optimizer
   partitions, fp32 runs do not; a mixed resume loads optimizer state of the wrong kind;
-* **ZeRO stage**, when this rank loads its per-rank optimizer partition (DeepSpeed engine, or
-  Megatron without a ``sharded/`` copy): partitions of stage 1/2/3 and an unpartitioned stage-0
-  state are laid out differently. A Megatron ``sharded/`` load stores moments by parameter name,
-  so a stage change is resharded there and allowed.
+* **ZeRO stage**, when this rank loads its per-rank optimizer partition from its rank file (a
+  DeepSpeed checkpoint written before the ``elastic/`` form, or Megatron without a ``sharded/``
+  copy): partitions of stage 1/2/3 and an unpartitioned stage-0 state are laid out differently.
+  A Megatron ``sharded/`` load and an elastic load (:mod:`dist_llm.checkpoint.elastic`) move
+  moments by parameter name, so a stage change is resharded there and allowed.
 
 Each mismatch is one line of the error, naming the field, both values and the fix.
 """
@@ -57,9 +58,9 @@ def resume_mismatches(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
     if loads_rank_partitions and "zero_stage" in sp and "zero_stage" in cp \
             and _plain(sp["zero_stage"]) != _plain(cp["zero_stage"]):
         problems.append(f"parallel.zero_stage: checkpoint {sp['zero_stage']}, this job {cp['zero_stage']} (each "
-                        f"rank's optimizer partition is laid out by stage; resume with "
-                        f"parallel.zero_stage={sp['zero_stage']}, or start a new run from its weights with "
-                        f"model.init_from=<checkpoint>)")
+                        f"rank's optimizer partition in this checkpoint's rank files is laid out by stage, and it has no "
+                        f"layout-neutral elastic/ copy; resume with parallel.zero_stage={sp['zero_stage']}, or start a "
+                        f"new run from its weights with model.init_from=<checkpoint>)")
     return problems
 
 

@@ -4,7 +4,11 @@ Layout of a run directory::
 
     checkpoints/step-00000040/        one committed checkpoint
         model.safetensors            full fp32 weights (rank 0)
-        rank-00000.pt ...            per rank: optimizer partition, RNG states, loader state
+        rank-00000.pt ...            per rank: RNG states, loader state (and, for engines without an
+                                     elastic form, the rank's optimizer partition)
+        elastic/                     DeepSpeed: each rank's optimizer slices, layout-neutral
+                                     (dist_llm/parallel/deepspeed_elastic.py); resumable at
+                                     any dp size, ZeRO stage, offload setting or elastic engine
         sharded/                     engines that reshard (Megatron): weights + optimizer through
                                      megatron.core.dist_checkpointing, loadable at another layout
         trainer.json                 step, tokens seen, best validation loss (rank 0)
@@ -49,7 +53,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_llm.checkpoint.compat import IncompatibleCheckpointError, check_resume_compatible
+from dist_llm.checkpoint.elastic import LoadPlan, load_elastic, plan_load
 from dist_llm.checkpoint.integrity import CheckpointError, check_sharded, join_inside, read_manifest, verify_tree
 from dist_llm.fileio import fsync_dir, sha256_file, write_atomic
 from dist_llm.observability.redact import redact
@@ -215,6 +219,7 @@ class CheckpointManager:
                    rank_file)
         with open(rank_file, "rb") as f:
             os.fsync(f.fileno())
+        engine.save_elastic(tmp / "elastic")  # this rank's optimizer slices (engines that write them)
         if engine.supports_sharded:  # collective; inside tmp, so it commits with the rest
             engine.save_sharded(tmp / "sharded")
         self._stage(SaveStage.after_rank_files, step)
@@ -366,38 +371,16 @@ class CheckpointManager:
         """:func:`dist_llm.checkpoint.integrity.verify_tree` (whole directory against its manifest)."""
         return verify_tree(path, manifest or read_manifest(path), skip)
 
-    def _plan(self, path: Path, manifest: Dict[str, Any], engine) -> tuple[bool, bool, bool, str]:
-        """(same layout, same engine, load the sharded/ copy, the rank file this rank reads)."""
-        lay = self.layout
-        tp, pp = getattr(lay, "tp", 1), getattr(lay, "pp", 1)
-        same_layout = (manifest.get("world_size"), manifest.get("tp", 1), manifest.get("pp", 1)) == (lay.world_size, tp, pp)
-        same_engine = manifest.get("engine", engine.checkpoint_name) == engine.checkpoint_name
-        has_sharded = any(rel.startswith("sharded/") for rel in manifest["files"])
-        sharded = engine.supports_sharded and has_sharded and same_engine
-        if not same_layout and not (sharded and engine.reshardable):
-            raise CheckpointError(
-                f"checkpoint {path} was saved by {manifest.get('world_size')} ranks (tp={manifest.get('tp', 1)}, "
-                f"pp={manifest.get('pp', 1)}) but this job has {lay.world_size} (tp={tp}, pp={pp}): resume "
-                f"with the same layout (optimizer partitions are per rank), or use the megatron engine, whose "
-                f"checkpoints reshard")
-        # Same layout: this rank's own file (optimizer partition, RNG). Resharding: the loader state,
-        # which is the same on every rank and independent of dp, from rank 0's file.
-        rank_name = f"rank-{lay.rank:05d}.pt" if same_layout else "rank-00000.pt"
-        try:
-            check_resume_compatible(path, manifest, getattr(self, "_job_config", None),
-                                    loads_rank_partitions=same_layout and same_engine and not sharded)
-        except IncompatibleCheckpointError as e:
-            raise CheckpointError(str(e)) from None
-        return same_layout, same_engine, sharded, rank_name
+    def _plan(self, path: Path, manifest: Dict[str, Any], engine) -> LoadPlan:
+        """:func:`dist_llm.checkpoint.elastic.plan_load` (sharded, per-rank or elastic)."""
+        return plan_load(path, manifest, self.layout, engine, getattr(self, "_job_config", None))
 
-    def _verify_for(self, path: Path, engine) -> tuple[bool, bool, bool, str]:
-        """Verify everything this rank will read from ``path``; returns the load plan."""
+    def _verify_for(self, path: Path, engine) -> LoadPlan:
+        """Verify everything this rank will read from ``path`` (``elastic/`` included); returns the load plan."""
         manifest = self.read_manifest(path)
         plan = self._plan(path, manifest, engine)
-        rank_name = plan[3]
-        self.verify(path, manifest, skip=lambda rel: re.fullmatch(r"rank-\d{5}\.pt", rel) is not None
-                    and rel != rank_name)
-        check_sharded(path, manifest, loads_sharded=plan[2], engine_name=engine.checkpoint_name)
+        self.verify(path, manifest, skip=lambda rel: not plan.reads(rel))
+        check_sharded(path, manifest, loads_sharded=plan.sharded, engine_name=engine.checkpoint_name)
         self._verified = path
         return plan
 
@@ -409,14 +392,20 @@ class CheckpointManager:
         else:
             plan = self._verify_for(path, engine)
         self._verified = None
-        same_layout, same_engine, sharded, rank_name = plan
-        if sharded:
+        if plan.sharded:
             engine.load_sharded(path / "sharded")
+        elif plan.mode == "elastic":
+            load_elastic(path, self.read_manifest(path), engine, plan)
         else:
             engine.load_model_state_dict(load_file(str(path / "model.safetensors")))
-        blob = torch.load(path / rank_name, map_location="cpu", weights_only=True)
-        if same_layout and same_engine:
+            if plan.mode == "weights":
+                log.warning("%s was saved by engine %s, which %s cannot take optimizer state from: weights "
+                            "loaded, optimizer starts fresh", path, self.read_manifest(path).get("engine"),
+                            engine.checkpoint_name)
+        blob = torch.load(path / plan.rank_name, map_location="cpu", weights_only=True)
+        if plan.mode == "rank" or (plan.sharded and plan.same_layout):
             engine.load_optimizer_state(blob["optimizer"])
+        if plan.restores_rng:
             restore_rng(blob["rng"])
         trainer_state = json.loads((path / "trainer.json").read_text())
         return trainer_state, blob["loader"]

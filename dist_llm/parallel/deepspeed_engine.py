@@ -2,9 +2,10 @@
 
 Our config maps onto a DeepSpeed config dict; ``deepspeed.initialize`` wraps the plain model.
 DeepSpeed's own checkpoint files are not used: its loader unpickles with ``weights_only=False``.
-Instead the engine exposes full weights (gathered under ZeRO-3) and each rank's optimizer
-partition as plain tensors, which the checkpoint module stores as safetensors / a
-``weights_only`` torch file.
+Instead the engine exposes full weights (gathered under ZeRO-3), and each rank writes the slices
+of the optimizer state it owns in a layout-neutral form (:mod:`dist_llm.parallel.deepspeed_elastic`,
+``elastic/`` in the checkpoint), which any dp size, ZeRO stage, offload setting or elastic engine
+resumes from.
 """
 from __future__ import annotations
 
@@ -16,18 +17,23 @@ import torch
 from torch import nn
 
 from dist_llm.config.schema import JobConfig
+from dist_llm.parallel import deepspeed_elastic
 from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
                                                 replicated_grad_norm, skip_single_rank_allreduce,
                                                 train_micro_batches)
+from dist_llm.parallel.elastic_state import PlainOptimizerState
 from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
 
-_LIVE = "__live__"  # placeholder for a non-plain object; restored from the live optimizer on load
+# placeholder for a non-plain object in checkpoints written before the elastic form (DeepSpeed's
+# state_dict with its loss scaler replaced); restored from the live optimizer on load
+_LIVE = "__live__"
 
 
 def _plain(obj: Any) -> Any:
     """Keep tensors and plain values; replace other objects (DeepSpeed's loss scaler, enums,
-    fragment addresses) by a placeholder so the file loads with ``weights_only=True``."""
+    fragment addresses) by a placeholder so the file loads with ``weights_only=True`` (the rank
+    file's form of checkpoints written before the elastic form)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     if obj is None or type(obj) in (bool, int, float, str):  # exact types: IntEnum subclasses are objects
@@ -63,8 +69,10 @@ def _skip_shm_comm_op() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """Full weights and per-rank optimizer partitions; no sharded checkpoint (``supports_sharded``
-    is False), so a checkpoint resumes only at the same world size."""
+    """Full weights, and each rank's optimizer slices in the layout-neutral ``elastic/`` form
+    (``elastic`` is True): a checkpoint resumes at any dp size, ZeRO stage and offload setting."""
+
+    elastic = True
 
     def __init__(self, cfg: JobConfig, model: nn.Module, layout: ParallelLayout, task: Any = None):
         """``task``: a :class:`dist_llm.train.tasks.Task` whose ``loss(model, batch)`` gives the
@@ -181,9 +189,18 @@ class DeepSpeedEngine(Engine):
             self.optimizer._restore_from_bit16_weights()
 
     def optimizer_state(self) -> Dict[str, Any]:
-        return _plain(self.optimizer.state_dict())
+        """Nothing but a marker: the optimizer state is in ``elastic/`` (:meth:`save_elastic`)."""
+        return {"elastic": deepspeed_elastic.FORMAT}
+
+    def save_elastic(self, directory) -> None:
+        deepspeed_elastic.save_rank_state(directory, self.optimizer, self.engine.module, self.layout.rank,
+                                          self.layout.world_size, self.stage)
+
+    def load_plain_optimizer_state(self, state: PlainOptimizerState) -> None:
+        deepspeed_elastic.load_rank_state(self.optimizer, self.engine.module, state)
 
     def load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        """A checkpoint written before the elastic form: DeepSpeed's own state_dict of this rank."""
         live = self.optimizer.state_dict()
         merged = _overlay(state, live)
         if self.stage == 0:

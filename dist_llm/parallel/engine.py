@@ -14,16 +14,25 @@ sets ``supports_sharded = True`` and implements :meth:`Engine.save_sharded` /
 before the commit, and prefers them on load); with ``reshardable = True`` the manager also
 accepts a checkpoint saved at another world size / tp / pp. The manager never calls them on an
 engine with ``supports_sharded = False``.
+
+Elastic resume (another dp size, ZeRO stage, offload, or engine): an engine with ``elastic = True``
+implements :meth:`Engine.load_plain_optimizer_state`, which takes the layout-neutral optimizer
+state (:mod:`dist_llm.parallel.elastic_state`) that the *saving* engine's reader produces; an
+engine that writes its own layout-neutral files at save time does so in
+:meth:`Engine.save_elastic` (called on every rank inside the step's tmp directory).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dist_llm.parallel.elastic_state import PlainOptimizerState
 
 
 @dataclass
@@ -92,6 +101,9 @@ class Engine:
     step_gate: StepGate = StepGate()
     supports_sharded: bool = False  # has save_sharded/load_sharded
     reshardable: bool = False  # its sharded checkpoints load at another world size / tp / pp
+    # implements load_plain_optimizer_state: resumes any checkpoint whose saving engine has a reader
+    # in dist_llm.parallel.elastic_state.READERS, at any layout
+    elastic: bool = False
     # the task metrics of the last eval_loss call ({name: sum/count over all ranks}); {} for pretrain
     last_eval_metrics: Dict[str, float] = {}
     phase_sync: Optional[Any] = None  # set by the trainer when train.ui.breakdown is on (GPU)
@@ -144,6 +156,18 @@ class Engine:
     def load_optimizer_state(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`optimizer_state` returned on the same rank of the same layout."""
         raise NotImplementedError
+
+    def save_elastic(self, directory: Path) -> None:
+        """Write this rank's share of a layout-neutral optimizer state into ``directory`` (every
+        rank calls it; the default writes nothing: engines whose other files are already
+        layout-neutral, e.g. ``sharded/``, need no extra copy)."""
+
+    def load_plain_optimizer_state(self, state: "PlainOptimizerState") -> None:
+        """Set this rank's optimizer partitions (fp32 masters, AdamW moments) and step counts from
+        a layout-neutral state; the weights are loaded already. Collective where the engine's
+        partitions need it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a layout-neutral optimizer state "
+                                  f"(elastic is False): resume it with the engine and layout it was saved with")
 
     def save_sharded(self, directory: Path) -> None:
         """Write weights + optimizer state into ``directory`` (collective)."""
