@@ -71,7 +71,10 @@ def test_zero2_state_moves_exactly_into_another_stage(world1, tmp_path, dst_stag
     src = _save(tmp_path, "src", src_engine, src_opt, 2)
     assert src.step == 3
     dst_engine, dst_opt = _engine(dst_stage, steps=0, offload=offload)
-    assert (type(getattr(dst_opt, "optimizer", dst_opt)).__name__ == "DeepSpeedCPUAdam") == offload
+    # ZeRO-1/2 say cpu_offload, ZeRO-3 offload_optimizer; on a CPU device the offloaded states
+    # are stepped by torch's AdamW (no CPU-Adam JIT build), on a GPU by DeepSpeed's CPU Adam.
+    offloaded = bool(getattr(dst_opt, "cpu_offload", False) or getattr(dst_opt, "offload_optimizer", False))
+    assert offloaded == offload
     load_rank_state(dst_opt, dst_engine.module, src)
     dst = _save(tmp_path, "dst", dst_engine, dst_opt, dst_stage)
     assert dst.step == 3 and dst.names == src.names and len(src.names) > 4

@@ -29,6 +29,7 @@ from dist_llm.checkpoint.compat import IncompatibleCheckpointError, check_resume
 from dist_llm.checkpoint.integrity import CheckpointError
 # imported for their side effect: they register the readers of their engines' checkpoints
 from dist_llm.parallel import deepspeed_elastic  # noqa: F401
+from dist_llm.parallel.megatron import elastic as _megatron_elastic  # noqa: F401
 from dist_llm.parallel.elastic_state import READERS, read_plain_state
 
 ELASTIC_PREFIX = "elastic/"

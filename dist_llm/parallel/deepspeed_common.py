@@ -41,9 +41,13 @@ def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
             "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps,
                        "weight_decay": opt.weight_decay,
                        # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam kernels need a compiler
-                       # and differ numerically; offload needs DeepSpeed's CPU Adam.
-                       "torch_adam": not par.offload_optimizer},
+                       # (a JIT build of minutes at first use) and differ numerically. Offload on a
+                       # GPU needs DeepSpeed's CPU Adam; on a CPU device the states are on the
+                       # host anyway, so torch's AdamW steps them there.
+                       "torch_adam": not par.offload_optimizer or not torch.cuda.is_available()},
         },
+        # Let offload run with torch's AdamW where there is no GPU (see above).
+        "zero_force_ds_cpu_optimizer": torch.cuda.is_available(),
         "bf16": {"enabled": par.precision == "bf16"},
         "fp16": {"enabled": par.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
