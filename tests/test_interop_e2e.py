@@ -38,8 +38,11 @@ def _hf_mean_loss(hf, split_dir) -> float:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).item()
 
 
-def _hf_source_and_data(tmp_path):
-    """A transformers Llama (GQA, untied) with its tokenizer, and real shards tokenized by it."""
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory):
+    """A transformers Llama (GQA, untied) with its tokenizer, and real shards tokenized by it:
+    ``(hf, hf_dir, tok, data)``, built once and only read by the tests."""
+    tmp_path = tmp_path_factory.mktemp("hf_source")
     hf = hf_llama(kv_heads=2, tie=False)
     with torch.no_grad():
         hf.lm_head.weight.mul_(40.0)
@@ -59,8 +62,8 @@ def _common(hf_dir, data, steps):
             "logging=none", "train.ui.progress_bar=off"]
 
 
-def test_finetune_from_hf_llama_gqa_zero2_and_tp2_then_export(tmp_path):
-    hf, hf_dir, tok, data = _hf_source_and_data(tmp_path)
+def test_finetune_from_hf_llama_gqa_zero2_and_tp2_then_export(tmp_path, hf_source):
+    hf, hf_dir, tok, data = hf_source
     hf_loss = _hf_mean_loss(hf, data / "train")
     assert hf_loss > 2 * math.log(VOCAB)
 
@@ -83,20 +86,23 @@ def test_finetune_from_hf_llama_gqa_zero2_and_tp2_then_export(tmp_path):
     assert auto("def main():\n")["input_ids"] == tok.encode("def main():\n")
 
 
-def test_exports_from_zero3_and_tp2_pp2_checkpoints_are_byte_identical(tmp_path):
+def test_exports_from_zero3_and_tp2_pp2_checkpoints_are_byte_identical(tmp_path, hf_source):
     """The same weights (imported, then one step at lr=1e-30, which rounds away in fp32) saved by
     ZeRO-3 on 2 ranks and by Megatron tp=2 x pp=2 on 4 ranks export to the same bytes, equal to
-    the original transformers tensors."""
+    the original transformers tensors. The exports run the CLI's entry point in this process (the
+    export subprocess is tested above; a new one would spend ~5 s importing transformers)."""
     from safetensors.torch import load_file
 
-    hf, hf_dir, _, data = _hf_source_and_data(tmp_path)
+    from dist_llm.cli.main import main as cli_main
+
+    hf, hf_dir, _, data = hf_source
     frozen = [*_common(hf_dir, data, 1), "optim.lr=1e-30", "optim.min_lr=0", "optim.warmup_steps=0"]
     outs = {}
     for name, layout in {"z3": ["parallel=zero3", "launcher.nproc=2"],
                          "tp2pp2": ["parallel=tp2_pp2", "launcher.nproc=4"]}.items():
         run_cli(["train", *frozen, *layout, f"name={name}"], cwd=tmp_path, timeout=400)
         outs[name] = tmp_path / f"export_{name}"
-        run_cli(["export", str(tmp_path / "runs" / name), "--format", "hf", "--out", str(outs[name])], cwd=tmp_path)
+        assert cli_main(["export", str(tmp_path / "runs" / name), "--format", "hf", "--out", str(outs[name])]) == 0
     assert (outs["z3"] / "model.safetensors").read_bytes() == (outs["tp2pp2"] / "model.safetensors").read_bytes()
     exported, original = load_file(str(outs["z3"] / "model.safetensors")), hf.state_dict()
     assert set(exported) == set(original)

@@ -25,3 +25,30 @@ def test_signal_death_reported_as_128_plus_signal():
                                  "if os.environ['RANK'] == '0': os.kill(os.getpid(), signal.SIGKILL)\n"
                                  "time.sleep(120)"])
     assert code == 128 + signal.SIGKILL
+
+
+RANK_END = """
+import atexit, sys, threading, time
+import dist_llm.cli.main as cli
+atexit.register(lambda: print("exit handler ran", flush=True))
+sys.stdout.write("buffered line, no newline flush")  # must still reach the parent
+sys.argv = ["dist-llm", "worker", "cfg.yaml"]
+if {thread}:
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+cli.main = lambda: 85  # a rank's run returned the preemption code
+cli.entry()
+"""
+
+
+def test_a_worker_rank_ends_with_its_code_after_exit_handlers_and_flushed_output():
+    """The rank's fast end (os._exit after the run): its exit code, atexit handlers and buffered
+    stdout survive; a non-daemon thread still running keeps the ordinary exit, which waits for it."""
+    import subprocess
+    import sys
+
+    for thread in (False, True):
+        p = subprocess.run([sys.executable, "-c", RANK_END.format(thread=thread)], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 85, p.stderr[-2000:]
+        assert "buffered line" in p.stdout and "exit handler ran" in p.stdout, p.stdout
+        assert ("thread finished" in p.stdout) == thread, p.stdout
