@@ -43,6 +43,7 @@ class MegatronEngineBase(Engine):
         par, tr = cfg.parallel, cfg.train
         self.mcfg = model.cfg  # resolved preset defaults
         self.arch = arch_for(model)  # the model-specific parts: build, adapter, TP slicing, loss
+        self.gated = getattr(self.arch, "gated", False)  # kept for callers of mm.tp_slice (SwiGLU GPT)
         self.tcfg = self.arch.transformer_config(par, DTYPES[par.precision])
         # .to(dtype): a few Megatron modules ignore params_dtype (learned position embeddings are a
         # plain fp32 nn.Embedding); Megatron-LM casts the whole model the same way (Float16Module).
