@@ -50,7 +50,8 @@ def test_registry_builds_each_kind_and_names_the_missing_ones():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["task=mlm_nsp", "model=bert_tiny", "parallel=tp2", "launcher.nproc=2"], "parallel.engine=deepspeed"),
+    (["task=classify", "model=vit_digits", "parallel=tp2", "launcher.nproc=2"], "parallel.engine=deepspeed"),
+    (["task=mlm_nsp", "model=bert_tiny", "parallel=pp2", "launcher.nproc=2"], "set parallel.pp=1"),
     (["model=bert_tiny"], "task=pretrain (causal LM) cannot train the encoder model.preset=bert"),
     (["task=mlm_nsp"], "task=mlm_nsp needs a BERT model"),
     (["task=mlm_nsp", "model=bert_tiny", "task.mlm_nsp.mlm_prob=1.5"], "task.mlm_nsp.mlm_prob=1.5"),
@@ -64,6 +65,7 @@ def test_task_layout_combinations_fail_at_validation(overrides, needle):
 
 def test_megatron_still_validates_pretrain():
     validate(_cfg("parallel=tp2", "launcher.nproc=2"), 2)
+    validate(_cfg("task=mlm_nsp", "model=bert_tiny", "parallel=tp2", "launcher.nproc=2"), 2)  # Megatron BERT
 
 
 def _bert_task(bert_dir: Path):

@@ -119,14 +119,31 @@ def _model_problems(cfg: JobConfig) -> List[str]:
 _ENCODER_TASK = {"bert": ("mlm_nsp", "classify"), "vit": ("classify",)}
 
 
+def _megatron_task_problems(cfg: JobConfig, kind: str, preset: str) -> List[str]:
+    """The Megatron engines train task=pretrain on gpt2/llama (every layout) and task=mlm_nsp on
+    bert (pp = 1, no sequence parallelism); docs/parallelism.md has the table."""
+    par = cfg.parallel
+    bert_mlm = kind == "mlm_nsp" and preset == "bert"
+    if not (bert_mlm or (kind == "pretrain" and preset not in _ENCODER_TASK)):
+        return [f"task.kind={kind} with model.preset={preset} is not supported by parallel.engine=megatron, "
+                f"which trains task=pretrain on gpt2/llama and task=mlm_nsp on bert: use parallel.engine=deepspeed "
+                f"(parallel=zero0..zero3); see docs/parallelism.md"]
+    p: List[str] = []
+    if bert_mlm and par.pp > 1:
+        p.append(f"parallel.pp={par.pp} with model.preset=bert: the Megatron BERT runs at parallel.pp=1 only "
+                 f"(tensor parallelism and ZeRO over data parallelism); set parallel.pp=1 (e.g. parallel=tp2)")
+    if bert_mlm and par.sp:
+        p.append("parallel.sp=true with model.preset=bert: the Megatron BERT has no sequence-parallel LayerNorms "
+                 "(its LM head uses torch LayerNorm); set parallel.sp=false (e.g. parallel=tp2)")
+    return p
+
+
 def _task_problems(cfg: JobConfig) -> List[str]:
     """Which task runs on which model preset and engine (docs/parallelism.md has the table)."""
     kind, preset, engine = str(cfg.task.kind), str(cfg.model.preset), str(cfg.parallel.engine)
     p: List[str] = []
-    if engine == "megatron" and (kind != "pretrain" or preset in _ENCODER_TASK):
-        p.append(f"task.kind={kind} with model.preset={preset} is not supported by parallel.engine=megatron, "
-                 f"which trains task=pretrain on gpt2/llama only: use parallel.engine=deepspeed "
-                 f"(parallel=zero0..zero3); see docs/parallelism.md")
+    if engine == "megatron":
+        p.extend(_megatron_task_problems(cfg, kind, preset))
     if kind == "pretrain" and preset in _ENCODER_TASK:
         p.append(f"task=pretrain (causal LM) cannot train the encoder model.preset={preset}: use "
                  f"task={_ENCODER_TASK[preset][0]}")

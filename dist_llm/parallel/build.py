@@ -29,12 +29,13 @@ def build_engine(cfg: JobConfig, model, layout, task=None):
     """The engine for this config around ``model`` (the plain model, same weights on every rank).
 
     ``task`` (a :class:`dist_llm.train.tasks.Task`) computes the loss of a batch; only the
-    DeepSpeed engine takes one. Megatron engines compute the causal-LM loss themselves and run
-    ``task=pretrain`` only (validate() refuses the rest before any process group starts)."""
+    DeepSpeed engine takes one. Megatron engines compute the loss of their architecture
+    themselves (:mod:`dist_llm.parallel.megatron.arch`): ``task=pretrain`` on GPT and
+    ``task=mlm_nsp`` on BERT (``pp = 1``); validate() refuses the rest before any process group starts."""
     cls = engine_class(cfg)
     if task is not None and cfg.parallel.engine == "deepspeed":
         return cls(cfg, model, layout, task=task)
-    if task is not None and task.kind != "pretrain":
+    if task is not None and task.kind not in ("pretrain", "mlm_nsp"):
         raise ValueError(f"task.kind={task.kind} is not supported by parallel.engine={cfg.parallel.engine}: "
                          f"use parallel.engine=deepspeed (parallel=zero0..zero3); see docs/parallelism.md")
     return cls(cfg, model, layout)

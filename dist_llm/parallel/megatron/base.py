@@ -1,5 +1,6 @@
-"""What the two Megatron engines share: building the Megatron model from the plain one, the
-inputs of a micro-batch, the global loss mean, full weights in plain names, the TP RNG streams,
+"""What the two Megatron engines share: building the Megatron model from the plain one (through
+the arch strategy of :mod:`~dist_llm.parallel.megatron.arch`: GPT or BERT), the inputs of a
+micro-batch, the global loss mean, full weights in plain names, the TP RNG streams,
 and the resharding checkpoint (through :mod:`~dist_llm.parallel.megatron.checkpoint`).
 
 Subclasses add the optimizer path: :class:`~dist_llm.parallel.megatron.zero_engine.MegatronDeepSpeedEngine`
@@ -17,6 +18,7 @@ from dist_llm.parallel.engine import Engine
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import checkpoint as ckpt
 from dist_llm.parallel.megatron import model as mm
+from dist_llm.parallel.megatron.arch import arch_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,13 +44,14 @@ class MegatronEngineBase(Engine):
         self._rng_tracker = get_cuda_rng_tracker
         par, tr = cfg.parallel, cfg.train
         self.mcfg = model.cfg  # resolved preset defaults
-        self.gated = self.mcfg.preset == "llama"
-        self.tcfg = mm.transformer_config(self.mcfg, par.tp, par.pp, par.vpp, par.sp, DTYPES[par.precision])
+        self.arch = arch_for(model)  # the model-specific parts: build, adapter, TP slicing, loss
+        self.gated = getattr(self.arch, "gated", False)  # kept for callers of mm.tp_slice (SwiGLU GPT)
+        self.tcfg = self.arch.transformer_config(par, DTYPES[par.precision])
         # .to(dtype): a few Megatron modules ignore params_dtype (learned position embeddings are a
         # plain fp32 nn.Embedding); Megatron-LM casts the whole model the same way (Float16Module).
         dtype = DTYPES[par.precision]
-        self.chunks = [c.to(layout.device, dtype) for c in mm.build_chunks(self.mcfg, self.tcfg, par.vpp)]
-        self._load_full(mm.plain_to_megatron(model.state_dict(), self.mcfg))
+        self.chunks = [c.to(layout.device, dtype) for c in self.arch.build_chunks(self.tcfg, par.vpp)]
+        self._load_full(self.arch.to_megatron(model.state_dict()))
         self.grad_accum = tr.global_batch_size // (tr.micro_batch_size * layout.dp)
         T = tr.seq_len
         self._pos = torch.arange(T, device=layout.device).unsqueeze(0).expand(tr.micro_batch_size, -1)
@@ -89,7 +92,7 @@ class MegatronEngineBase(Engine):
         """This rank's parameters (all its chunks) under Megatron-full names."""
         out = {}
         for c in self.chunks:
-            out.update(mm.local_params(c))
+            out.update(self.arch.local_params(c))
         return out
 
     @torch.no_grad()
@@ -99,7 +102,7 @@ class MegatronEngineBase(Engine):
             src = full.get(name)
             if src is None and name == "output_layer.weight":  # tied: the last stage's embedding copy
                 src = full["embedding.word_embeddings.weight"]
-            p.copy_(mm.tp_slice(name, src, mm.partition_dim(p), r, tp, self.gated).to(p.dtype))
+            p.copy_(self.arch.tp_slice(name, src, mm.partition_dim(p), r, tp).to(p.dtype))
 
     @torch.no_grad()
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -116,15 +119,15 @@ class MegatronEngineBase(Engine):
             if pd is not None and lay.tp > 1:
                 parts = [torch.empty_like(t) for _ in range(lay.tp)]
                 lay.all_gather(parts, t.contiguous(), group=lay.tp_group)
-                t = mm.tp_merge(name, parts, pd, self.gated)
+                t = self.arch.tp_merge(name, parts, pd)
             merged[name] = t.cpu().clone()
         if lay.pp > 1:
             stages: List[Any] = lay.all_gather_object(merged, group=lay.pp_group)
             merged = {k: v for s in stages for k, v in s.items()}
-        return mm.megatron_to_plain(merged, self.mcfg)
+        return self.arch.to_plain(merged)
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self._load_full(mm.plain_to_megatron(state, self.mcfg))
+        self._load_full(self.arch.to_megatron(state))
         self.weights_changed()
 
     def master_weights(self) -> Dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
-from dist_llm.parallel.megatron import model as mm
+from dist_llm.parallel.megatron.arch import arch_for
 from dist_llm.parallel.megatron.base import MegatronEngineBase
 from dist_llm.parallel.megatron.checkpoint import MOMENTS, Moments
 from dist_llm.parallel.megatron.optimizer import DPShardedAdamW
@@ -27,6 +27,8 @@ class MegatronPipelineEngine(MegatronEngineBase):
         if cfg.parallel.pp < 2:
             raise ValueError(f"MegatronPipelineEngine needs parallel.pp >= 2, got {cfg.parallel.pp}: "
                              f"use MegatronDeepSpeedEngine (build_engine picks it)")
+        if not arch_for(model).supports_pipeline:
+            raise ValueError(f"{type(model).__name__} has no pipeline-parallel Megatron model: use parallel.pp=1")
         super().__init__(cfg, model, layout)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -39,7 +41,7 @@ class MegatronPipelineEngine(MegatronEngineBase):
         self.tcfg.no_sync_func = [d.no_sync for d in self.ddps] if len(self.ddps) > 1 else self.ddps[0].no_sync
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.fb = get_forward_backward_func()
-        named = [(n, p) for c in self.chunks for n, p in mm.local_params(c).items() if p.requires_grad]
+        named = [(n, p) for c in self.chunks for n, p in self.arch.local_params(c).items() if p.requires_grad]
         self.optimizer = DPShardedAdamW(named, cfg.optim, layout, shard=cfg.parallel.zero_stage >= 1)
 
     # --- compute ---

@@ -6,7 +6,8 @@ data-parallel group through DeepSpeed's ``mpu`` interface (the layout's groups) 
 TP slice once in the gradient norm. Sequence-parallel norm gradients, partial on each TP rank,
 are all-reduced over TP by a gradient hook (Megatron does it in ``finalize_model_grads``, which
 DeepSpeed does not call). The micro-batch loop is the one the plain DeepSpeed engine runs
-(:func:`~dist_llm.parallel.deepspeed_common.train_micro_batches`).
+(:func:`~dist_llm.parallel.deepspeed_common.train_micro_batches`); the loss of a micro-batch
+is the arch strategy's (GPT: causal LM on token ids; BERT: MLM + NSP with the task's metrics).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
                                                 skip_single_rank_allreduce, train_micro_batches)
-from dist_llm.parallel.engine import StepStats
+from dist_llm.parallel.engine import StepStats, accumulate, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import zero_state
 from dist_llm.parallel.megatron.base import MegatronEngineBase
@@ -53,18 +54,33 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
                 p.register_hook(allreduce_tp)
 
     # --- compute ---
-    def _mean_loss(self, module: torch.nn.Module, mb: torch.Tensor) -> torch.Tensor:
-        return self.per_token_loss(module, mb).float().mean()
+    def _mean_loss(self, module: torch.nn.Module, mb):
+        """The micro-batch's mean loss, or ``(loss, task metrics)`` (BERT)."""
+        return self.arch.micro_batch_loss(self, module, mb)
 
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         self.check_micro_batches(micro_batches)
         clock = self.phase_clock()
+        sums: Dict[str, torch.Tensor] = {}
         loss, applied, finite = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
                                                     lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
                                                     lambda s, bad: self._agree(s, bad, len(micro_batches)),
-                                                    clock=clock)
+                                                    metrics_into=sums, clock=clock)
         return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), applied=applied, finite=finite,
-                         timings=clock.times)
+                         metrics=self._reduce_metrics(sums), timings=clock.times)
+
+    def _reduce_metrics(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """The task's (sum, count) pairs over the global batch: the loss-reporting ranks' (one per
+        DP replica; the other TP ranks hold the same numbers) summed in one world all-reduce.
+        No metrics (GPT): no collective."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])
+        if not self.reports_loss():
+            stacked.zero_()
+        self.layout.all_reduce_world_sum(stacked)
+        return reduce_metrics(dict(zip(names, stacked)))
 
     def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, n: int) -> Tuple[float, bool]:
         """The global mean (only the loss-reporting ranks count) and the non-finite flag of every
@@ -83,9 +99,15 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         module.eval()
         try:
             total = self.loss_total()
+            sums: Dict[str, torch.Tensor] = {}
             for mb in micro_batches:
-                total[0] += self._mean_loss(module, mb).double()
+                out = self._mean_loss(module, mb)
+                if isinstance(out, tuple):
+                    out, metrics = out
+                    accumulate(sums, metrics, self.layout.device)
+                total[0] += out.double()
             total[1] = len(micro_batches)
+            self.last_eval_metrics = self._reduce_metrics(sums)
         finally:
             module.train()
         return self.global_mean(total)
