@@ -176,8 +176,13 @@ class MegatronEngineBase(Engine):
         :class:`~dist_llm.parallel.elastic_state.PlainOptimizerState` (plain names, full tensors),
         and its step count. The weights are loaded already; the masters overwrite them (equal in
         fp32 runs, exact fp32 values under bf16). Collective where the optimizer path is (ZeRO)."""
-        from dist_llm.parallel.megatron.elastic import local_slices
+        from dist_llm.parallel.megatron.elastic import GPT_PRESETS, local_slices
 
+        if self.mcfg.preset not in GPT_PRESETS:
+            raise NotImplementedError(
+                f"resuming a {self.mcfg.preset} run on the Megatron engine from another engine's checkpoint is not "
+                f"supported (only gpt2/llama); resume with the engine and layout it was saved with, or start a new "
+                f"run from its weights with model.init_from=<checkpoint>")
         self.install_plain_state(local_slices(self, state), int(state.step))
 
     def install_plain_state(self, slices: Dict[str, Dict[str, torch.Tensor]], step: int) -> None:

@@ -36,6 +36,7 @@ from dist_llm.parallel.megatron import model as mm
 from dist_llm.parallel.megatron.checkpoint import FORMAT, read_meta
 
 ENGINE_NAME = "MegatronEngine"  # MegatronEngineBase.checkpoint_name
+GPT_PRESETS = ("gpt2", "llama")  # the presets whose names this module maps (BERT: not yet)
 LAYERS = "decoder.layers."
 # Megatron-full (local spec) name part -> the name dist_checkpointing stores (TE's fused norms)
 _STORED = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -136,6 +137,10 @@ def read_plain_state(path: Path, manifest: Dict[str, Any]) -> PlainOptimizerStat
     if meta is None or meta.get("format") != FORMAT:
         raise ValueError(f"{sharded} is not a {FORMAT} checkpoint (engine.json missing or of another format)")
     mcfg = model_config(manifest)
+    if mcfg.preset not in GPT_PRESETS:
+        raise ValueError(f"{path}: moving a Megatron {mcfg.preset} checkpoint to another engine is not supported "
+                         f"(only gpt2/llama); resume it with parallel.engine=megatron (any tp), or start a new "
+                         f"run from its weights with model.init_from={path}")
     reader = ShardedReader(sharded)
     master_prefix = "optimizer.master." if meta.get("master_weights") else ""  # fp32 runs: the weights
     prefixes = {"master": master_prefix, "exp_avg": "optimizer.exp_avg.", "exp_avg_sq": "optimizer.exp_avg_sq."}
