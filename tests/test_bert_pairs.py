@@ -66,3 +66,14 @@ def test_random_b_is_not_shorter_than_a_next_b():
         elif nsp == 0:
             padded[0].append(bool((toks == SP["pad"]).any()))
     assert len(padded[1]) > 10 and not any(padded[1]), f"{sum(padded[1])} of {len(padded[1])} random pairs padded"
+
+
+def test_a_sentence_longer_than_the_pair_still_gets_a_random_b():
+    """A chunk of one sentence that fills the pair alone is always a random pair (Google's rule);
+    its B still gets a donor sentence and both are truncated to fit."""
+    lens = _corpus(3, 30, seed=2)
+    lens["train"][0] = [90] * 8  # every sentence longer than seq_len - 3
+    p = _Packer(lens)
+    pairs = [x for x in _pairs(p) if x[0] == 0]
+    assert len(pairs) == 8 and all(nsp == 1 for _, _, _, nsp, *_ in pairs)
+    assert all(len(sent_b) > 0 and len(sent_a) + len(sent_b) == p.seq_len - 3 for *_, sent_a, _, sent_b in pairs)

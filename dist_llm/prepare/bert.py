@@ -40,7 +40,7 @@ def _random_segment(sents: List[List[int]], start: int, need: int) -> List[int]:
     """
     end = start
     b: List[int] = []
-    while end < len(sents) and len(b) < need:
+    while end < len(sents) and (not b or len(b) < need):  # at least one sentence (A may fill alone)
         b.extend(sents[end])
         end += 1
     while start > 0 and len(b) < need:
