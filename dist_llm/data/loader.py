@@ -13,6 +13,8 @@ takes ``G/L`` from every lane, lane-major, and DP rank ``r`` of ``dp`` owns the 
 * Blending: draw ``k`` of a lane takes source ``argmax_s(w_s*(k+1) - count_s)`` (ties: lowest
   index). No RNG, so the whole state is the number of steps consumed; positions are recomputed
   arithmetically from the manifests' per-shard counts, never by re-reading data.
+* Causal token data: epoch ``e`` of source ``s`` reads its windows shifted by an offset from
+  ``(seed, e, s)`` along the source's token stream (``data.window_offsets``, :mod:`.windows`).
 
 This module imports torch's DataLoader but nothing distributed: ranks arrive as plain ints.
 """
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_llm.data.shard_scan import read_checked_records, read_shard, read_token_shard
 from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, read_manifest, shard_path
+from dist_llm.data.windows import FIXED, PER_EPOCH, check_mode, shift_windows, window_offset
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -42,6 +45,7 @@ BAD_SAMPLE_POLICIES = ("raise", "skip")
 STATE_FORMAT = "dist-llm-loader/1"
 _TAG_SHARDS, _TAG_SAMPLES = 1, 2
 _MAX_BLEND_PERIOD = 1 << 16
+_MAX_HEADS = 4096  # first windows of shards kept for shifted reads (one row each)
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -207,7 +211,7 @@ class _Stream:
     """All lanes of a blend; picklable so DataLoader workers can own a copy."""
 
     def __init__(self, sources: List[_Source], lanes: int, per_lane: int, seed: int,
-                 bad_samples: str = "raise", max_bad_fraction: float = 0.0) -> None:
+                 bad_samples: str = "raise", max_bad_fraction: float = 0.0, window_offsets: str = PER_EPOCH) -> None:
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples={bad_samples!r} is not one of {', '.join(BAD_SAMPLE_POLICIES)}")
         self.bad_samples, self.max_bad_fraction = bad_samples, float(max_bad_fraction)
@@ -222,12 +226,37 @@ class _Stream:
         self.sample_len = int(sources[0].manifest.get("sample_len", 0))
         self.dtype = sources[0].manifest.get("dtype", "uint8")
         self._cache: Dict[Tuple[int, int], Tuple[int, int, np.ndarray]] = {}
+        # record packs have no token stream to shift: their samples are always read whole
+        self.window_offsets = FIXED if self.records else check_mode(window_offsets)
+        self._heads: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()  # (source, shard) -> 1st row
+
+    def offset(self, epoch: int, s: int) -> int:
+        return window_offset(self.seed, epoch, s, self.sample_len, self.window_offsets)
+
+    def _head(self, s: int, shard: int) -> np.ndarray:
+        """The first stored window of a shard (what a shifted window of the shard before it ends
+        with). A small LRU fed by every full read: a head costs one extra shard read at most, none
+        when this process has read that shard before."""
+        if (s, shard) not in self._heads:
+            self._remember_head(s, shard, self._checked_rows(self.sources[s], shard))
+        self._heads.move_to_end((s, shard))
+        return self._heads[(s, shard)]
+
+    def _remember_head(self, s: int, shard: int, rows: np.ndarray) -> None:
+        self._heads[(s, shard)] = rows[0].copy()
+        if len(self._heads) > _MAX_HEADS:
+            self._heads.popitem(last=False)
 
     def _shard(self, lane: int, s: int, epoch: int, shard: int) -> np.ndarray:
         hit = self._cache.get((lane, s))
         if hit is not None and hit[0] == epoch and hit[1] == shard:
             return hit[2]
         rows = self._checked_rows(self.sources[s], shard)
+        if not self.records:
+            self._remember_head(s, shard, rows)
+        o = self.offset(epoch, s)
+        if o:
+            rows = shift_windows(rows, self._head(s, (shard + 1) % len(self.sources[s].files)), o)
         rows = rows[_rng(self.seed, _TAG_SAMPLES, epoch, s, shard).permutation(rows.shape[0])]
         self._cache[(lane, s)] = (epoch, shard, rows)
         return rows
@@ -285,7 +314,7 @@ class _Stream:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cache"] = {}
+        state["_cache"], state["_heads"] = {}, OrderedDict()
         return state
 
 
@@ -330,9 +359,11 @@ class TrainLoader:
         max_bad_fraction: float = 0.0,
         fmt: str = FORMAT,
         decode: Optional[Decode] = None,
+        window_offsets: str = PER_EPOCH,
     ) -> None:
         """``fmt``: the shard format the task reads; for record formats (BERT pairs, images)
-        ``decode`` turns each micro-batch's sample dicts into the task's tensors."""
+        ``decode`` turns each micro-batch's sample dicts into the task's tensors.
+        ``window_offsets``: per_epoch | fixed, see :mod:`dist_llm.data.windows` (causal data only)."""
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
         for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
@@ -373,7 +404,7 @@ class TrainLoader:
         self.eos_id = srcs[0].manifest.get("eos_id")
         per_rank = lanes // dp_size
         self.my_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction)
+        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction, window_offsets)
         self._worker_counts: Dict[int, Tuple[int, int]] = {}
         self._steps = 0
         self._it: Optional[Iterator[Any]] = None
@@ -386,7 +417,8 @@ class TrainLoader:
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
                    train.micro_batch_size, grad_accum, data.seed, data.num_workers,
                    getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
-                   getattr(data, "max_bad_fraction", 0.0), fmt, decode)
+                   getattr(data, "max_bad_fraction", 0.0), fmt, decode,
+                   str(getattr(data, "window_offsets", PER_EPOCH)))
 
     @property
     def steps(self) -> int:
@@ -442,7 +474,7 @@ class TrainLoader:
     def _layout(self) -> Dict[str, Any]:
         return {
             "lanes": self.lanes, "global_batch_size": self.global_batch_size, "seed": self.seed,
-            "seq_len": self.seq_len,
+            "seq_len": self.seq_len, "window_offsets": self._stream.window_offsets,
             "sources": [{"path": s.path, "weight": s.weight, "fingerprint": s.fingerprint}
                         for s in self._stream.sources],
         }
@@ -456,7 +488,8 @@ class TrainLoader:
             for s, st in enumerate(self._stream.streams):
                 e, shard, off = st.locate(l, int(drawn[s]))
                 row.append({"source": s, "drawn": int(drawn[s]), "epoch": e,
-                            "shard": Path(st.src.files[shard]).name, "offset": off})
+                            "shard": Path(st.src.files[shard]).name, "offset": off,
+                            "window_offset": self._stream.offset(e, s)})
             lanes.append(row)
         return {"format": STATE_FORMAT, "steps": self._steps, "dp_size": self.dp_size,
                 **self._layout(), "lane_positions": lanes}
@@ -473,6 +506,10 @@ class TrainLoader:
         for key in ("lanes", "global_batch_size", "seed", "seq_len"):
             if state.get(key) != now[key]:
                 diffs.append(f"{key}: checkpoint {state.get(key)!r}, now {now[key]!r}")
+        was = state.get("window_offsets", FIXED)  # states written before the setting read windows as stored
+        if was != now["window_offsets"]:
+            diffs.append(f"data.window_offsets: checkpoint {was!r}, now {now['window_offsets']!r} "
+                         f"(set data.window_offsets={was} to continue this run)")
         old = state.get("sources", [])
         if len(old) != len(now["sources"]):
             diffs.append(f"number of sources: checkpoint {len(old)}, now {len(now['sources'])}")
