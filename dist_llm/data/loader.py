@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_llm.data.shard_scan import read_checked_records, read_shard, read_token_shard
 from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, read_manifest, shard_path
-from dist_llm.data.windows import FIXED, PER_EPOCH, check_mode, shift_windows, window_offset
+from dist_llm.data.windows import FIXED, PER_EPOCH, FirstWindows, check_mode, shift_windows, window_offset
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -45,7 +45,6 @@ BAD_SAMPLE_POLICIES = ("raise", "skip")
 STATE_FORMAT = "dist-llm-loader/1"
 _TAG_SHARDS, _TAG_SAMPLES = 1, 2
 _MAX_BLEND_PERIOD = 1 << 16
-_MAX_HEADS = 4096  # first windows of shards kept for shifted reads (one row each)
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -228,24 +227,10 @@ class _Stream:
         self._cache: Dict[Tuple[int, int], Tuple[int, int, np.ndarray]] = {}
         # record packs have no token stream to shift: their samples are always read whole
         self.window_offsets = FIXED if self.records else check_mode(window_offsets)
-        self._heads: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()  # (source, shard) -> 1st row
+        self._heads = FirstWindows()  # (source, shard) -> its first stored window
 
     def offset(self, epoch: int, s: int) -> int:
         return window_offset(self.seed, epoch, s, self.sample_len, self.window_offsets)
-
-    def _head(self, s: int, shard: int) -> np.ndarray:
-        """The first stored window of a shard (what a shifted window of the shard before it ends
-        with). A small LRU fed by every full read: a head costs one extra shard read at most, none
-        when this process has read that shard before."""
-        if (s, shard) not in self._heads:
-            self._remember_head(s, shard, self._checked_rows(self.sources[s], shard))
-        self._heads.move_to_end((s, shard))
-        return self._heads[(s, shard)]
-
-    def _remember_head(self, s: int, shard: int, rows: np.ndarray) -> None:
-        self._heads[(s, shard)] = rows[0].copy()
-        if len(self._heads) > _MAX_HEADS:
-            self._heads.popitem(last=False)
 
     def _shard(self, lane: int, s: int, epoch: int, shard: int) -> np.ndarray:
         hit = self._cache.get((lane, s))
@@ -253,10 +238,11 @@ class _Stream:
             return hit[2]
         rows = self._checked_rows(self.sources[s], shard)
         if not self.records:
-            self._remember_head(s, shard, rows)
+            self._heads.put((s, shard), rows)
         o = self.offset(epoch, s)
-        if o:
-            rows = shift_windows(rows, self._head(s, (shard + 1) % len(self.sources[s].files)), o)
+        if o:  # the shifted windows end in the next shard's first window (the stream wraps at its end)
+            nxt = (shard + 1) % len(self.sources[s].files)
+            rows = shift_windows(rows, self._heads.get((s, nxt), lambda: self._checked_rows(self.sources[s], nxt)), o)
         rows = rows[_rng(self.seed, _TAG_SAMPLES, epoch, s, shard).permutation(rows.shape[0])]
         self._cache[(lane, s)] = (epoch, shard, rows)
         return rows
@@ -314,7 +300,7 @@ class _Stream:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cache"], state["_heads"] = {}, OrderedDict()
+        state["_cache"], state["_heads"] = {}, FirstWindows()
         return state
 
 

@@ -23,6 +23,9 @@ Record packs (bert, image, classify, sft) have no token stream; their samples ar
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Callable, Hashable
+
 import numpy as np
 
 PER_EPOCH, FIXED = "per_epoch", "fixed"
@@ -63,3 +66,25 @@ def shift_windows(rows: np.ndarray, next_head: np.ndarray, offset: int) -> np.nd
     flat = np.concatenate([rows.reshape(-1), next_head[:offset]])
     return np.ascontiguousarray(flat[offset:offset + n * width].reshape(n, width))
 
+
+
+class FirstWindows:
+    """The first stored window of recently read shards: what a shifted window of the shard before
+    each ends with. Every full shard read feeds it, so a head costs one extra shard read at most,
+    none when this process read that shard before; ``limit`` rows are kept (least recent dropped)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._rows: "OrderedDict[Hashable, np.ndarray]" = OrderedDict()
+
+    def put(self, key: Hashable, rows: np.ndarray) -> None:
+        self._rows[key] = rows[0].copy()
+        self._rows.move_to_end(key)
+        if len(self._rows) > self.limit:
+            self._rows.popitem(last=False)
+
+    def get(self, key: Hashable, read_rows: Callable[[], np.ndarray]) -> np.ndarray:
+        if key not in self._rows:
+            self.put(key, read_rows())
+        self._rows.move_to_end(key)
+        return self._rows[key]
