@@ -14,8 +14,8 @@ the stream exactly once and has exactly as many samples as stored windows: the l
 
 The offset depends only on ``(seed, epoch, source)``: never on the lane, the data-parallel rank
 or the step, so batches stay independent of dp and a resume recomputes it. Epoch 0 reads the
-windows as stored (offset 0: a run shorter than one epoch is unchanged by this setting, and so
-is a resume of an older checkpoint within its first epoch); epochs ``1 .. L-1`` take the
+windows as stored (offset 0: a run shorter than one epoch reads the same samples either way);
+epochs ``1 .. L-1`` take the
 non-zero offsets ``1 .. L-1`` in a seeded order, each once, so no two of the first ``L`` epochs
 share a boundary; later epochs draw a fresh order per block of ``L - 1`` epochs.
 
