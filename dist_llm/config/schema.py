@@ -46,6 +46,13 @@ class EmbeddedData(Choice):
     digits = "digits"
 
 
+class WindowOffsets(Choice):
+    """Where causal token windows are cut each epoch (``data.window_offsets``, dist_llm/data/windows.py)."""
+
+    per_epoch = "per_epoch"  # epoch e shifts every window by an offset from (seed, e, source)
+    fixed = "fixed"  # every epoch reads the windows exactly as `dist-llm prepare` stored them
+
+
 class TaskKind(Choice):
     """The training objective (``task`` config group, dist_llm/train/tasks/)."""
 
@@ -221,6 +228,11 @@ class DataConfig:
     retries: int = 3
     retry_backoff_s: float = 1.0
     fetch_timeout_s: float = 600.0
+    # Causal token data (task=pretrain/distill): per_epoch shifts every stored window by an offset
+    # in [0, seq_len] drawn from (data.seed, epoch, source), so each epoch over a small corpus
+    # sees new token boundaries (epoch 0 reads the windows as stored) | fixed (every epoch reads
+    # the stored windows). Record packs (bert, image, classify, sft) read samples whole either way.
+    window_offsets: WindowOffsets = WindowOffsets.per_epoch
 
 
 @dataclass

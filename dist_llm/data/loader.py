@@ -13,6 +13,8 @@ takes ``G/L`` from every lane, lane-major, and DP rank ``r`` of ``dp`` owns the 
 * Blending: draw ``k`` of a lane takes source ``argmax_s(w_s*(k+1) - count_s)`` (ties: lowest
   index). No RNG, so the whole state is the number of steps consumed; positions are recomputed
   arithmetically from the manifests' per-shard counts, never by re-reading data.
+* Causal token data: epoch ``e`` of source ``s`` reads its windows shifted by an offset from
+  ``(seed, e, s)`` along the source's token stream (``data.window_offsets``, :mod:`.windows`).
 
 This module imports torch's DataLoader but nothing distributed: ranks arrive as plain ints.
 """
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_llm.data.shard_scan import read_checked_records, read_shard, read_token_shard
 from dist_llm.data.shards import FORMAT, PAIRS_FORMAT, check_checksums, manifest_where
 from dist_llm.data.sources import FetchOptions, location, read_split_manifest, remote_bytes
+from dist_llm.data.windows import FIXED, PER_EPOCH, FirstWindows, check_mode, shift_windows, window_offset
 
 log = logging.getLogger("dist_llm.data")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -210,7 +213,7 @@ class _Stream:
 
     def __init__(self, sources: List[_Source], lanes: int, per_lane: int, seed: int,
                  bad_samples: str = "raise", max_bad_fraction: float = 0.0,
-                 fetch: Optional[FetchOptions] = None) -> None:
+                 fetch: Optional[FetchOptions] = None, window_offsets: str = PER_EPOCH) -> None:
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples={bad_samples!r} is not one of {', '.join(BAD_SAMPLE_POLICIES)}")
         self.bad_samples, self.max_bad_fraction = bad_samples, float(max_bad_fraction)
@@ -225,12 +228,24 @@ class _Stream:
         self.sample_len = int(sources[0].manifest.get("sample_len", 0))
         self.dtype = sources[0].manifest.get("dtype", "uint8")
         self._cache: Dict[Tuple[int, int], Tuple[int, int, np.ndarray]] = {}
+        # record packs have no token stream to shift: their samples are always read whole
+        self.window_offsets = FIXED if self.records else check_mode(window_offsets)
+        self._heads = FirstWindows()  # (source, shard) -> its first stored window
+
+    def offset(self, epoch: int, s: int) -> int:
+        return window_offset(self.seed, epoch, s, self.sample_len, self.window_offsets)
 
     def _shard(self, lane: int, s: int, epoch: int, shard: int) -> np.ndarray:
         hit = self._cache.get((lane, s))
         if hit is not None and hit[0] == epoch and hit[1] == shard:
             return hit[2]
         rows = self._checked_rows(self.sources[s], shard)
+        if not self.records:
+            self._heads.put((s, shard), rows)
+        o = self.offset(epoch, s)
+        if o:  # the shifted windows end in the next shard's first window (the stream wraps at its end)
+            nxt = (shard + 1) % len(self.sources[s].files)
+            rows = shift_windows(rows, self._heads.get((s, nxt), lambda: self._checked_rows(self.sources[s], nxt)), o)
         rows = rows[_rng(self.seed, _TAG_SAMPLES, epoch, s, shard).permutation(rows.shape[0])]
         self._cache[(lane, s)] = (epoch, shard, rows)
         return rows
@@ -289,7 +304,7 @@ class _Stream:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cache"] = {}
+        state["_cache"], state["_heads"] = {}, FirstWindows()
         return state
 
 
@@ -335,10 +350,12 @@ class TrainLoader:
         fmt: str = FORMAT,
         decode: Optional[Decode] = None,
         fetch: Optional[FetchOptions] = None,
+        window_offsets: str = PER_EPOCH,
     ) -> None:
         """``fmt``: the shard format the task reads; for record formats (BERT pairs, images)
         ``decode`` turns each micro-batch's sample dicts into the task's tensors. ``fetch``: how
-        sources named by URL are read (retries, cache; :mod:`dist_llm.data.sources`)."""
+        sources named by URL are read (retries, cache; :mod:`dist_llm.data.sources`).
+        ``window_offsets``: per_epoch | fixed, see :mod:`dist_llm.data.windows` (causal data only)."""
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
         for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
@@ -379,7 +396,8 @@ class TrainLoader:
         self.eos_id = srcs[0].manifest.get("eos_id")
         per_rank = lanes // dp_size
         self.my_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction, fetch)
+        self._stream = _Stream(srcs, lanes, self.per_lane, seed, bad_samples, max_bad_fraction, fetch,
+                               window_offsets)
         self._worker_counts: Dict[int, Tuple[int, int]] = {}
         self._steps = 0
         self._it: Optional[Iterator[Any]] = None
@@ -392,7 +410,8 @@ class TrainLoader:
         return cls([(s.path, s.weight) for s in data.train], train.seq_len, data.lanes, dp_rank, dp_size,
                    train.micro_batch_size, grad_accum, data.seed, data.num_workers,
                    getattr(data, "require_checksums", True), getattr(data, "bad_samples", "raise"),
-                   getattr(data, "max_bad_fraction", 0.0), fmt, decode, FetchOptions.from_config(data))
+                   getattr(data, "max_bad_fraction", 0.0), fmt, decode, FetchOptions.from_config(data),
+                   str(getattr(data, "window_offsets", PER_EPOCH)))
 
     @property
     def steps(self) -> int:
@@ -448,7 +467,7 @@ class TrainLoader:
     def _layout(self) -> Dict[str, Any]:
         return {
             "lanes": self.lanes, "global_batch_size": self.global_batch_size, "seed": self.seed,
-            "seq_len": self.seq_len,
+            "seq_len": self.seq_len, "window_offsets": self._stream.window_offsets,
             "sources": [{"path": s.path, "weight": s.weight, "fingerprint": s.fingerprint}
                         for s in self._stream.sources],
         }
@@ -462,7 +481,8 @@ class TrainLoader:
             for s, st in enumerate(self._stream.streams):
                 e, shard, off = st.locate(l, int(drawn[s]))
                 row.append({"source": s, "drawn": int(drawn[s]), "epoch": e,
-                            "shard": st.src.names[shard], "offset": off})
+                            "shard": st.src.names[shard], "offset": off,
+                            "window_offset": self._stream.offset(e, s)})
             lanes.append(row)
         return {"format": STATE_FORMAT, "steps": self._steps, "dp_size": self.dp_size,
                 **self._layout(), "lane_positions": lanes}
@@ -479,6 +499,10 @@ class TrainLoader:
         for key in ("lanes", "global_batch_size", "seed", "seq_len"):
             if state.get(key) != now[key]:
                 diffs.append(f"{key}: checkpoint {state.get(key)!r}, now {now[key]!r}")
+        was = state.get("window_offsets", FIXED)  # states written before the setting read windows as stored
+        if was != now["window_offsets"]:
+            diffs.append(f"data.window_offsets: checkpoint {was!r}, now {now['window_offsets']!r} "
+                         f"(set data.window_offsets={was} to continue this run)")
         old = state.get("sources", [])
         if len(old) != len(now["sources"]):
             diffs.append(f"number of sources: checkpoint {len(old)}, now {len(now['sources'])}")

@@ -79,19 +79,3 @@ class GPTArch(MegatronArch):
 
     def micro_batch_loss(self, engine, module, mb):
         return engine.per_token_loss(module, mb).float().mean()
-
-
-def arch_for(model: torch.nn.Module) -> MegatronArch:
-    """The strategy for the plain model the engine was given."""
-    from dist_llm.models.bert import Bert
-
-    if isinstance(model, Bert):
-        from dist_llm.parallel.megatron.bert_arch import BertArch
-
-        return BertArch(model.cfg)
-    from dist_llm.models.gpt import GPT
-
-    if isinstance(model, GPT):
-        return GPTArch(model.cfg)
-    raise ValueError(f"parallel.engine=megatron has no Megatron model for {type(model).__name__}: it trains GPT "
-                     f"(gpt2/llama) and BERT (task=mlm_nsp); use parallel.engine=deepspeed (see docs/parallelism.md)")

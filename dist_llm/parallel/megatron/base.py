@@ -18,7 +18,7 @@ from dist_llm.parallel.engine import Engine
 from dist_llm.parallel.layout import ParallelLayout
 from dist_llm.parallel.megatron import checkpoint as ckpt
 from dist_llm.parallel.megatron import model as mm
-from dist_llm.parallel.megatron.arch import arch_for
+from dist_llm.parallel.megatron.arch_select import arch_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -16,7 +16,7 @@ import torch
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
-from dist_llm.parallel.megatron.arch import arch_for
+from dist_llm.parallel.megatron.arch_select import arch_for
 from dist_llm.parallel.megatron.base import MegatronEngineBase
 from dist_llm.parallel.megatron.checkpoint import MOMENTS, Moments
 from dist_llm.parallel.megatron.optimizer import DPShardedAdamW
