@@ -8,10 +8,12 @@
   - ``train.nonfinite=raise`` (NaN in rank 1's loss, ZeRO-0: the torch optimizer's path): the
     job fails naming step 25; the newest checkpoint is step 24 and none is written after it; its
     weights equal those of step 24 in the skip run below (same data and seed).
-  - ``train.nonfinite=skip`` (NaN in one gradient on rank 1 only, ZeRO-2: DeepSpeed's partitioned
-    path): both ranks log the skip at step 25; the checkpoint of step 25 holds exactly the weights
-    and optimizer moments of step 24 (nothing was updated), ``skipped_steps`` is 1; steps 26, 27
-    train on; a resume to step 30 keeps ``skipped_steps == 1``.
+  - ``train.nonfinite=skip`` (+Inf in one gradient on rank 1 only, ZeRO-2: DeepSpeed's partitioned
+    path; a NaN loss on rank 1, ZeRO-0): both ranks log the skip at step 25; the checkpoint of step
+    25 holds exactly the weights and optimizer moments of step 24 (nothing was updated),
+    ``skipped_steps`` counts it; steps 26, 27 train on; a resume to step 30 keeps the count.
+  - The ZeRO-2 launch also spikes rank 1's loss x100 at step 20 (``train.spike.policy=skip``):
+    both ranks log the spike, step 20's checkpoint equals step 19's, the count includes it.
 
 Run under the shared lock (several processes): flock /tmp/dist-llm-heavy.lock pytest ...
 """
@@ -79,27 +81,41 @@ def job(tmp_path_factory, stdlib_cache):
     return root
 
 
-# ZeRO-2 + a NaN gradient: DeepSpeed's partitioned overflow check withholds the update;
+# ZeRO-2 + an Inf gradient: DeepSpeed's partitioned overflow check withholds the update; the same
+# launch spikes rank 1's loss x100 at step 20 (detector: 5 x the median of 5 steps, policy skip).
 # ZeRO-0 + a NaN loss: our all-reduced flag does, through the torch optimizer's no-op step.
-@pytest.mark.parametrize("stage,target", [("zero2", "grad"), ("zero0", "loss")])
-def test_nan_with_skip_withholds_the_update_on_every_rank_and_the_count_survives_resume(job, stage, target):
+SPIKE = ["debug.spike_at_step=20", "debug.spike_factor=100", "train.spike.factor=5", "train.spike.window=5",
+         "train.spike.policy=skip"]
+
+
+@pytest.mark.parametrize("stage,target,bad", [("zero2", "grad", "inf"), ("zero0", "loss", "nan")])
+def test_nan_with_skip_withholds_the_update_on_every_rank_and_the_count_survives_resume(job, stage, target, bad):
     name = f"skip-{stage}-{target}"
+    spike = stage == "zero2"
     args = ["train", *COMMON, f"name={name}", f"parallel={stage}", "train.checkpoint.every=1",
-            "debug.nan_at_step=25", f"debug.nan_in={target}", "debug.fault_rank=1", "train.nonfinite=skip"]
+            "debug.nan_at_step=25", f"debug.nan_in={target}", f"debug.inf={bad == 'inf'}", "debug.fault_rank=1",
+            "train.nonfinite=skip", *(SPIKE if spike else [])]
     p = run_cli([*args, "train.max_steps=27"], cwd=job)
     log = p.stdout + p.stderr
-    assert f"[rank 1] dist_llm.train: fault injection: rank 1 puts nan into the {target} at step 25" in log
+    assert f"[rank 1] dist_llm.train: fault injection: rank 1 puts {bad} into the {target} at step 25" in log
     for rank in (0, 1):
         assert f"[rank {rank}] dist_llm.train: step 25: non-finite" in log, log[-3000:]
-    w24, w25, w27 = (_weights(job, name, s) for s in (24, 25, 27))
-    assert all(torch.equal(w24[k], w25[k]) for k in w24)  # the update of step 25 was withheld
+    withheld = [20, 25] if spike else [25]
+    if spike:
+        for rank in (0, 1):
+            assert f"[rank {rank}] dist_llm.train: step 20: loss spike: " in log, log[-3000:]
+    for step in withheld:
+        w_before, w_at = _weights(job, name, step - 1), _weights(job, name, step)
+        assert all(torch.equal(w_before[k], w_at[k]) for k in w_before), step  # the update was withheld
+        for rank in (0, 1):
+            m_before, m_at = _moments(job, name, step - 1, rank), _moments(job, name, step, rank)
+            assert len(m_before) == len(m_at) > 0 and all(torch.equal(a, b) for a, b in zip(m_before, m_at)), step
+    w25, w27 = _weights(job, name, 25), _weights(job, name, 27)
     assert not all(torch.equal(w25[k], w27[k]) for k in w25)  # training went on
-    for rank in (0, 1):
-        m24, m25 = _moments(job, name, 24, rank), _moments(job, name, 25, rank)
-        assert len(m24) == len(m25) > 0 and all(torch.equal(a, b) for a, b in zip(m24, m25))
-    assert [_trainer_state(job, name, s)["skipped_steps"] for s in (24, 25, 27)] == [0, 1, 1]
+    counts = [_trainer_state(job, name, s)["skipped_steps"] for s in (19, 20, 24, 25, 27)]
+    assert counts == ([0, 1, 1, 2, 2] if spike else [0, 0, 0, 1, 1]), counts
     run_cli([*args, "train.max_steps=30"], cwd=job)  # resumes from step 27
-    assert _trainer_state(job, name, 30)["skipped_steps"] == 1
+    assert _trainer_state(job, name, 30)["skipped_steps"] == len(withheld)
     assert sorted(metrics(job / "runs" / name))[-1] == 30
 
 

@@ -180,9 +180,6 @@ def _torchrun(work: Path, name: str, max_restarts: int, *extra: str) -> subproce
     return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skip(reason="flaky after the merge of this session: the restarted torchrun attempt sometimes fails "
-                         "in gloo connectFullMesh ('Connection refused' to a peer address) or hangs in DeepSpeed's "
-                         "new_group; passed 1 of 3 runs. Open defect, see the closing note of issue 9")
 def test_torchrun_restarts_after_a_crash_and_gives_up_without_restarts(work):
     ref = _torchrun(work, "tr-ref", 0)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -114,3 +114,26 @@ def _check_stage(stage: int) -> None:
         assert not _same(before[0], _snapshot(engine)[0])  # a normal step updates again
     finally:
         shutdown()
+
+
+def test_pipeline_engine_withholds_the_update_on_every_stage(tmp_path):
+    """MegatronPipelineEngine (pp=2, 2 gloo ranks): a closed gate, or a NaN gradient on one stage
+    only, withholds the update on both stages (the gate decides on the global norm); nothing
+    changes, and the next step trains on both. Run under the shared lock."""
+    import json
+    from pathlib import Path
+
+    from dist_llm.launch.local import spawn_local
+
+    worker = Path(__file__).with_name("step_gate_pipeline_worker.py")
+    env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    assert spawn_local(2, [str(worker), str(tmp_path)], extra_env=env) == 0
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert seen["first_applied"], rank
+        for case in ("closed gate", "nan grad on stage 0", "nan grad on stage 1"):
+            got = seen[case]
+            assert not got["applied"] and got["unchanged"] and got["loss_finite"], (rank, case, got)
+            assert got["finite"] == (case == "closed gate"), (rank, case, got)
+        assert seen["after"]["applied"] and seen["after"]["params_changed"], (rank, seen["after"])
+        assert seen["after"]["step_count"] == [1, 2], (rank, seen["after"])

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from dist_llm.config.schema import ParallelConfig
 from dist_llm.launch.env import LaunchEnv, export_torch_env
+from dist_llm.parallel.rendezvous import attempt_store
 
 
 @dataclass
@@ -223,11 +224,13 @@ def init_layout(cfg: ParallelConfig, le: LaunchEnv) -> ParallelLayout:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         export_torch_env(le)
-        dist.init_process_group(backend=backend, rank=le.rank, world_size=le.world_size,
-                                # parallel.timeout_s, not the watchdog's longer first-step allowance: a
-                                # longer timeout here made gloo reuse a dead peer's address after a
-                                # torchrun restart (tests/test_faults_restart.py)
-                                timeout=timedelta(seconds=cfg.timeout_s))
+        # Start-up (first compile, checkpoint load) gets the long allowance; the watchdog drops it to
+        # parallel.timeout_s after the first step (set_collective_timeout).
+        timeout = timedelta(seconds=max(cfg.timeout_s, cfg.first_step_timeout_s))
+        # Under torchrun: a namespace of this attempt in the agent's store, else a restarted
+        # attempt reads the dead attempt's keys (see parallel/rendezvous.py).
+        dist.init_process_group(backend=backend, rank=le.rank, world_size=le.world_size, timeout=timeout,
+                                store=attempt_store(le, timeout))
     world = dist.get_world_size()
     rank = dist.get_rank()
     if world != le.world_size:

@@ -90,7 +90,8 @@ def run_rank_checks(cfg: JobConfig, le: LaunchEnv) -> Tuple[List[Row], bool]:
     """This rank's checks merged with every other rank's: (rows, every rank passed). Collective."""
     from dist_llm.parallel.layout import init_layout, shutdown
 
-    par = dataclasses.replace(cfg.parallel, timeout_s=min(cfg.parallel.timeout_s, DOCTOR_TIMEOUT_S))
+    short = min(cfg.parallel.timeout_s, DOCTOR_TIMEOUT_S)  # the start-up allowance too: a missing rank fails fast
+    par = dataclasses.replace(cfg.parallel, timeout_s=short, first_step_timeout_s=short)
     try:
         layout = init_layout(par, le)
     except Exception as e:  # noqa: BLE001

@@ -5,9 +5,9 @@ step) and at every step end. If no beat comes for ``train.hang_timeout_s`` (befo
 step has finished: ``parallel.first_step_timeout_s``), the watchdog logs the rank, the step and
 the phase (the collective it waits in), dumps the Python stack of every thread to stderr and
 exits the process with :data:`EXIT_HANG` (``os._exit``: a thread blocked in a collective cannot
-be interrupted), so the launcher tears the other ranks down. Collectives time out after
-``parallel.timeout_s`` (the process group is created with it), so a rank waiting on a dead peer
-fails by itself too; :meth:`WatchdogCallback.on_exception` then
+be interrupted), so the launcher tears the other ranks down. After the first step the
+collective timeout drops from ``parallel.first_step_timeout_s`` to ``parallel.timeout_s``, so a
+rank waiting on a dead peer fails by itself too; :meth:`WatchdogCallback.on_exception` then
 names the phase it failed in.
 """
 from __future__ import annotations
