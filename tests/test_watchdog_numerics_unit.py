@@ -89,3 +89,17 @@ def test_fault_and_numerics_settings_are_validated_before_any_process_group():
     for field in ("debug.fault_rank=5", "debug.sleep_at_step=3 needs debug.sleep_s", "train.spike.factor=0.5",
                   "train.hang_timeout_s=-1"):
         assert field in msg, msg
+
+
+def test_loss_fault_injection_is_refused_on_the_pipeline_engine():
+    """The pipeline schedule runs backward inside Megatron, so the loss hook that injects NaNs and
+    spikes never runs at pp > 1: refused at validation rather than silently doing nothing."""
+    import pytest
+
+    from dist_llm.config.store import compose
+    from dist_llm.config.validate import ConfigError, validate
+
+    for fault in ("debug.nan_at_step=3", "debug.spike_at_step=3"):
+        with pytest.raises(ConfigError, match="not injected by the pipeline engine"):
+            validate(compose(["parallel=pp2", fault]), 2)
+    validate(compose(["parallel=pp2"]), 2)  # no fault: fine

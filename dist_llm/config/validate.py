@@ -361,6 +361,11 @@ def _launcher_problems(cfg: JobConfig, world: int) -> List[str]:
         p.append(f"debug.fault_rank={dbg.fault_rank} is not a rank of this job (world size {world}; -1 = all)")
     if dbg.sleep_at_step >= 0 and dbg.sleep_s <= 0:
         p.append(f"debug.sleep_at_step={dbg.sleep_at_step} needs debug.sleep_s > 0")
+    uses_pipeline = str(getattr(cfg.parallel.engine, "value", cfg.parallel.engine)) == "megatron" and cfg.parallel.pp > 1
+    if uses_pipeline and max(dbg.nan_at_step, dbg.spike_at_step) >= 0:
+        # the pipeline schedule runs backward inside Megatron, past the loss hook these inject at
+        p.append("debug.nan_at_step/debug.spike_at_step are not injected by the pipeline engine (parallel.pp > 1): "
+                 "inject them at parallel.pp=1, or leave them at -1")
     p += _numerics_problems(cfg)
     if crash and dbg.crash_point in ("after_manifest", "before_latest") and dbg.crash_rank != 0:
         p.append(f"debug.crash_point={dbg.crash_point} happens on rank 0 only: set debug.crash_rank=0")
