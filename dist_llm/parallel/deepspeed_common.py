@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,21 +19,7 @@ from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import Engine, PhaseClock, accumulate
 
 
-def owns_clipping(cfg: JobConfig, tp: int = 1) -> bool:
-    """Whether our step computes the gradient norm and clips, instead of DeepSpeed.
-
-    ZeRO-0 in fp32 at tp = 1: after ``backward`` every rank holds the full, averaged gradients, so
-    one foreach norm over them (what ``torch.nn.utils.clip_grad_norm_`` computes) is the global
-    norm, the non-finite check (an inf/nan anywhere makes it inf/nan) and the clip coefficient at
-    once. DeepSpeed's stage-0 clipping would instead loop over the tensors twice and all-reduce the
-    norm over the data-parallel group once more. ZeRO-1/2/3, bf16/fp16 (their optimizers own
-    partitioned or low-precision buffers) and tp > 1 (a norm over TP shards) keep DeepSpeed's."""
-    par = cfg.parallel
-    return par.zero_stage == 0 and par.precision == "fp32" and tp == 1
-
-
-def deepspeed_config(cfg: JobConfig, dp: int, own_clipping: bool = False) -> Dict[str, Any]:
-    """``own_clipping`` (see :func:`owns_clipping`): DeepSpeed does not clip, the step does."""
+def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
     tr, opt, par = cfg.train, cfg.optim, cfg.parallel
     zero: Dict[str, Any] = {"stage": par.zero_stage}
     if par.offload_optimizer:
@@ -48,7 +34,7 @@ def deepspeed_config(cfg: JobConfig, dp: int, own_clipping: bool = False) -> Dic
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(tr.global_batch_size, tr.micro_batch_size, dp),
-        "gradient_clipping": 0.0 if own_clipping else opt.grad_clip,
+        "gradient_clipping": opt.grad_clip,
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
@@ -106,36 +92,23 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
 Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
 
 
-class MicroStepResult(NamedTuple):
-    loss: float  # global mean loss (from the agreement)
-    applied: bool  # the update was applied
-    finite: bool  # loss and gradients finite on every rank
-    grad_norm: float  # our norm before clipping when the step owns clipping, else nan
-
-
 def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
-                        loss_fn: Callable[[Any], Any], device: torch.device, agree: Agree,
-                        max_norm: Optional[float] = None,
+                        loss_fn: Callable[[Any], Any], device: torch.device,
+                        agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None,
                         metrics_into: Optional[Dict[str, torch.Tensor]] = None,
-                        clock: Optional[PhaseClock] = None) -> MicroStepResult:
+                        clock: Optional[PhaseClock] = None) -> Tuple[float, bool, bool]:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
 
     ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
-    pairs are added into ``metrics_into`` (float64 2-vectors; the caller's ``agree`` may reduce
-    them in its all-reduce). Before the optimizer step every rank agrees (``agree``: one
-    all-reduce) on the global loss and on whether loss and gradients are finite;
-    ``owner.step_gate`` then decides whether the update is applied, identically everywhere. A
-    ZeRO optimizer's own overflow check (partitioned gradients this rank cannot see) also
-    withholds the update and counts as non-finite. The loss sum stays on the device until that
-    all-reduce.
-
-    ``max_norm`` not None: the step owns clipping (:func:`owns_clipping`; DeepSpeed was
-    configured not to clip): the gradients' total norm is computed once with foreach kernels,
-    serves as the non-finite flag, is returned as ``grad_norm`` and clips (when ``max_norm`` > 0)
-    exactly as ``torch.nn.utils.clip_grad_norm_`` would. ``clock`` gets ``fwd_bwd_s`` (forward,
-    backward and the gradient reduction DeepSpeed runs inside ``backward``), ``comm_s`` (the
-    norm / non-finite check and the agreement all-reduce) and ``optim_s`` (the step; under
-    ZeRO-1/2/3 it includes the parameter all-gather).
+    pairs are added into ``metrics_into`` (float64 2-vectors, reduced by the caller). Before the
+    optimizer step every rank agrees (``agree``: one all-reduce) on the global loss and on
+    whether loss and gradients are finite; ``owner.step_gate`` then decides whether the update is
+    applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO optimizer's
+    own overflow check (partitioned gradients this rank cannot see) also withholds the update and
+    counts as non-finite. The loss sum stays on the device until that all-reduce. ``clock`` gets
+    ``fwd_bwd_s`` (forward, backward and the gradient reduction DeepSpeed runs inside ``backward``),
+    ``comm_s`` (the agreement all-reduce) and ``optim_s`` (the step; under ZeRO-1/2/3 it includes
+    the parameter all-gather).
     """
     clock = clock or PhaseClock()
     for group in optimizer.param_groups:
@@ -157,46 +130,31 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
         if not last:
             ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
     clock.mark("fwd_bwd_s")
-    grads = _grads(ds_engine.module)
-    norm = None
-    if max_norm is not None:
-        norm = _total_norm(grads, 2.0, device)
-        nonfinite = (~torch.isfinite(norm)).double()
-    else:
-        nonfinite = (~torch.isfinite(_total_norm(grads, math.inf, device))).double()
     owner.hook_phase("all_reduce:loss+nonfinite")
-    loss_mean, finite = agree(total, nonfinite)
+    loss_mean, finite = agree(total, _local_grads_nonfinite(ds_engine.module, device))
     clock.mark("comm_s")
     apply = owner.step_gate.allow(loss_mean, finite)
     owner.hook_phase("optimizer_step")
+    if apply and before_optimizer_step is not None:
+        before_optimizer_step()
     if apply:
-        if norm is not None and max_norm:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
         ds_engine.step()
     else:
         with _update_withheld(optimizer):
             ds_engine.step()  # the boundary bookkeeping (counters, zeroed grads), no update
     clock.mark("optim_s")
     overflow = bool(getattr(optimizer, "overflow", False))
-    grad_norm = float(norm) if norm is not None else math.nan
-    return MicroStepResult(loss_mean, apply and not overflow, finite and not overflow, grad_norm)
+    return loss_mean, apply and not overflow, finite and not overflow
 
 
-def _grads(module: nn.Module) -> List[torch.Tensor]:
-    """The gradients this rank holds (ZeRO-2/3 free them after reducing: their optimizer checks
-    its partitions itself)."""
-    return [p.grad for p in module.parameters() if p.grad is not None]
-
-
-def _total_norm(grads: List[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
-    """The ``norm_type`` norm over all of ``grads`` with foreach kernels (a handful of kernels
-    instead of several per tensor), on the device, no host sync. inf/nan in any gradient makes it
-    inf/nan; the inf-norm (max |g|) cannot overflow, so as a non-finite check it flags exactly
-    the tensors holding inf/nan. A 2-norm that overflows fp32 is flagged too: its clip
-    coefficient would be 0."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.nn.utils.get_total_norm(grads, norm_type).to(device)
+def _local_grads_nonfinite(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """1.0 if a gradient this rank holds is inf/nan (ZeRO-2/3 free them after reducing: their
+    optimizer checks its partitions itself)."""
+    bad = torch.zeros((), dtype=torch.float64, device=device)
+    for p in module.parameters():
+        if p.grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(p.grad).all()).double())
+    return bad
 
 
 @contextmanager
@@ -215,11 +173,24 @@ def _update_withheld(optimizer) -> Iterator[None]:
 
 def global_grad_norm(ds_engine, fallback: Optional[float] = None) -> float:
     """The norm of the last step's gradients before clipping: DeepSpeed's, else ``fallback``
-    (the step's own norm, see :func:`owns_clipping`), else nan."""
+    (the engine's own count, see :func:`replicated_grad_norm`), else nan."""
     gn = ds_engine.get_global_grad_norm()
     if gn is not None:
         return float(gn)
     return float(fallback) if fallback is not None else math.nan
+
+
+@torch.no_grad()
+def replicated_grad_norm(params) -> float:
+    """2-norm of ``p.grad`` over ``params`` when every rank holds the full, already averaged
+    gradients (ZeRO stage 0 after the boundary all-reduce): a local sum is the global norm.
+    DeepSpeed does not record a norm at stage 0, so the engine computes it here."""
+    sq = None
+    for p in params:
+        if p.grad is not None:
+            s = p.grad.detach().double().pow(2).sum()
+            sq = s if sq is None else sq + s
+    return math.sqrt(float(sq)) if sq is not None else math.nan
 
 
 def skip_single_rank_allreduce(ds_engine, cfg: JobConfig, dp: int) -> None:

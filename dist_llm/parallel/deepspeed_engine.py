@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, owns_clipping, param_groups,
-                                                skip_single_rank_allreduce, train_micro_batches)
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+                                                replicated_grad_norm, skip_single_rank_allreduce,
+                                                train_micro_batches)
 from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
 
@@ -78,9 +79,7 @@ class DeepSpeedEngine(Engine):
         self.layout = layout
         self.stage = cfg.parallel.zero_stage
         self.model = model
-        # ZeRO-0 fp32: the step computes the norm and clips (one foreach pass, no extra all-reduce)
-        self.max_norm = cfg.optim.grad_clip if owns_clipping(cfg) else None
-        self.ds_config = deepspeed_config(cfg, layout.dp, own_clipping=self.max_norm is not None)
+        self.ds_config = deepspeed_config(cfg, layout.dp)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         if cfg.parallel.precision == "bf16":
             model = model.to(torch.bfloat16)
@@ -113,27 +112,24 @@ class DeepSpeedEngine(Engine):
     def train_step(self, micro_batches: List[Any], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
-        sums: Dict[str, torch.Tensor] = {}  # the task's metrics: reduced in the step's one all-reduce
-        reduced: Dict[str, float] = {}
+        norm = {}
+        own_norm = None
+        if self.stage == 0:  # DeepSpeed records no norm at stage 0: count it before the step clips
+            own_norm = lambda: norm.setdefault("gn", replicated_grad_norm(self.engine.module.parameters()))  # noqa: E731
+        sums: Dict[str, torch.Tensor] = {}
         clock = self.phase_clock()
-        res = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
-                                  lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
-                                  metrics_into=sums, clock=clock)
-        return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.engine, res.grad_norm), applied=res.applied,
-                         finite=res.finite, metrics=reduced, timings=clock.times)
+        loss, applied, finite = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr,
+                                                    self._loss, self.device, self._agree,
+                                                    before_optimizer_step=own_norm, metrics_into=sums, clock=clock)
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.engine, norm.get("gn")), applied=applied,
+                         finite=finite, metrics=self._reduce_metrics(sums), timings=clock.times)
 
-    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, sums: Dict[str, torch.Tensor],
-               reduced: Dict[str, float]) -> Tuple[float, bool]:
-        """One all-reduce for the step: the global mean loss, whether any rank saw a non-finite
-        value, and the task's metric sums (sorted names, the same on every rank), written into
-        ``reduced``; one host read of the result."""
-        names = sorted(sums)
-        packed = torch.cat([torch.stack([loss_sum, nonfinite]), *(sums[k] for k in names)])
-        self.layout.all_reduce_sum(packed)
-        values = packed.tolist()
-        reduced.update(reduce_metrics({k: values[2 + 2 * i: 4 + 2 * i] for i, k in enumerate(names)}))
-        loss = values[0] / (self.grad_accum * self.layout.dp)
-        return loss, math.isfinite(loss) and values[1] == 0.0
+    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> Tuple[float, bool]:
+        """One all-reduce: the global mean loss and whether any rank saw a non-finite value."""
+        both = torch.stack([loss_sum, nonfinite])
+        self.layout.all_reduce_sum(both)
+        loss = float(both[0]) / (self.grad_accum * self.layout.dp)
+        return loss, math.isfinite(loss) and float(both[1]) == 0.0
 
     def _batch_size(self, mb: Any) -> int:
         return int(mb.shape[0]) if isinstance(mb, torch.Tensor) else self.task.batch_size(mb)

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, owns_clipping, param_groups,
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
                                                 skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import StepStats
 from dist_llm.parallel.layout import ParallelLayout
@@ -36,12 +36,9 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         module = self.chunks[0]
         if cfg.parallel.sp and layout.tp > 1:
             self._allreduce_sp_grads_over_tp(module)
-        # ZeRO-0 fp32 at tp = 1: the step computes the norm and clips (tp > 1: DeepSpeed's TP-aware norm)
-        self.max_norm = cfg.optim.grad_clip if owns_clipping(cfg, layout.tp) else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, layout.dp, own_clipping=self.max_norm is not None), mpu=layout.mpu(),
-            dist_init_required=False)
+            config=deepspeed_config(cfg, layout.dp), mpu=layout.mpu(), dist_init_required=False)
         skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
 
@@ -62,12 +59,12 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
     def train_step(self, micro_batches: List[torch.Tensor], lr: float) -> StepStats:
         self.check_micro_batches(micro_batches)
         clock = self.phase_clock()
-        res = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
-                                  lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
-                                  lambda s, bad: self._agree(s, bad, len(micro_batches)), max_norm=self.max_norm,
-                                  clock=clock)
-        return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.ds, res.grad_norm), applied=res.applied,
-                         finite=res.finite, timings=clock.times)
+        loss, applied, finite = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
+                                                    lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
+                                                    lambda s, bad: self._agree(s, bad, len(micro_batches)),
+                                                    clock=clock)
+        return StepStats(loss=loss, grad_norm=global_grad_norm(self.ds), applied=applied, finite=finite,
+                         timings=clock.times)
 
     def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, n: int) -> Tuple[float, bool]:
         """The global mean (only the loss-reporting ranks count) and the non-finite flag of every
@@ -77,9 +74,8 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
             total[0], total[1] = loss_sum, n
         total[2] = nonfinite
         self.layout.all_reduce_world_sum(total)
-        loss_sum, count, bad = total.tolist()  # one host read
-        loss = loss_sum / count
-        return loss, math.isfinite(loss) and bad == 0.0
+        loss = float(total[0] / total[1])
+        return loss, math.isfinite(loss) and float(total[2]) == 0.0
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> float:
