@@ -1,11 +1,13 @@
 """Our trainer versus a minimal hand-written loop, side by side, alternating.
 
     python -m bench.overhead [--pairs 5] [--steps 30] [--warmup 8] [--ranks 1 2] [--configs zero0 ...]
+    python -m bench.overhead --quick     # ZeRO-0 only, 1 and 2 ranks, 3 pairs of 16 steps (~2 min)
 
 For each configuration (ZeRO 0/1/2/3 and the Megatron engine at tp=1, at 1 and 2 ranks) one
 process group runs ``--pairs`` pairs of (plain loop, our trainer) — the order flips every pair —
 on the demo model (4 layers, width 128) at 12 x 64 tokens per rank. The ratio ours/plain of
-steady-state tokens/s is reported as min/median/max over the pairs. Writes
+steady-state tokens/s is reported as min/median/max over the pairs; ``step_ratio`` is the same
+ratio from each run's median step time (robust to bursts of load from other jobs). Writes
 bench/results/overhead.json and ends with one line per configuration:
 ``overhead engine=deepspeed ranks=1 zero=0 ratio=0.981``.
 """
@@ -18,6 +20,13 @@ from typing import Dict
 
 from bench._loops import compose_cfg, ours, plain_loop, run_ranks, stats, steady_tokens_per_s, write_result
 
+
+def median_step_s(ends, warmup: int) -> float:
+    """The median wall time of one step after warm-up."""
+    import statistics
+
+    return statistics.median(b - a for a, b in zip(ends[warmup:], ends[warmup + 1:]))
+
 CONFIGS = {"zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["parallel=zero2"],
            "zero3": ["parallel=zero3"], "megatron": ["parallel=megatron", "parallel.tp=1"]}
 
@@ -26,13 +35,13 @@ def pairs_job(job: Dict, rank: int, world: int) -> Dict:
     from dist_llm.launch.env import read_launch_env
 
     steps, warmup = job["steps"], job["warmup"]
-    out = {"plain": [], "ours": [], "ratio": []}
+    out = {"plain": [], "ours": [], "ratio": [], "step_ratio": []}
     for i in range(job["pairs"]):
         workdir = Path(job["workdir"])
         cfg = compose_cfg([*job["overrides"], f"name=p{i}", f"train.max_steps={steps}",
                            f"train.global_batch_size={12 * world}"], workdir)
         tps = cfg.train.global_batch_size * cfg.train.seq_len
-        rates = {}
+        rates, med = {}, {}
         order = ("plain", "ours") if i % 2 == 0 else ("ours", "plain")
         for side in order:
             import time
@@ -40,9 +49,11 @@ def pairs_job(job: Dict, rank: int, world: int) -> Dict:
             t0 = time.perf_counter()
             ends = plain_loop(cfg, steps, world) if side == "plain" else ours(cfg, read_launch_env())
             rates[side] = steady_tokens_per_s(ends, t0, tps, warmup)
+            med[side] = median_step_s(ends, warmup)
         out["plain"].append(rates["plain"])
         out["ours"].append(rates["ours"])
         out["ratio"].append(rates["ours"] / rates["plain"])
+        out["step_ratio"].append(med["plain"] / med["ours"])
     return out
 
 
@@ -53,7 +64,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="ZeRO-0 only, 3 pairs of 16 steps (warmup 4)")
     args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.steps, args.warmup, args.configs = 3, 16, 4, ["zero0"]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for world in args.ranks:
@@ -63,15 +77,18 @@ def main() -> None:
                 r = run_ranks(world, job, "bench.overhead:pairs_job")
                 rows.append({"config": name, "ranks": world, "engine": "megatron" if name == "megatron" else "deepspeed",
                              "zero": None if name == "megatron" else int(name[-1]),
-                             "ratio": stats(r["ratio"]), "plain_tokens_per_s": stats(r["plain"]),
+                             "ratio": stats(r["ratio"]), "step_ratio": stats(r["step_ratio"]),
+                             "plain_tokens_per_s": stats(r["plain"]),
                              "ours_tokens_per_s": stats(r["ours"]), "raw": r})
                 print(f"done {name} ranks={world}: median ratio {rows[-1]['ratio']['median']:.3f}", flush=True)
     path = write_result("overhead", {"args": vars(args), "rows": rows})
-    print(f"\n{'config':<10} {'ranks':>5} {'plain tok/s':>12} {'ours tok/s':>11} {'ratio min':>10} {'median':>7} {'max':>6}")
+    print(f"\n{'config':<10} {'ranks':>5} {'plain tok/s':>12} {'ours tok/s':>11} {'ratio min':>10} {'median':>7} "
+          f"{'max':>6} {'step ratio':>11}")
     for r in rows:
         q = r["ratio"]
         print(f"{r['config']:<10} {r['ranks']:>5} {r['plain_tokens_per_s']['median']:>12.0f} "
-              f"{r['ours_tokens_per_s']['median']:>11.0f} {q['min']:>10.3f} {q['median']:>7.3f} {q['max']:>6.3f}")
+              f"{r['ours_tokens_per_s']['median']:>11.0f} {q['min']:>10.3f} {q['median']:>7.3f} {q['max']:>6.3f} "
+              f"{r['step_ratio']['median']:>11.3f}")
     print(f"results: {path}")
     for r in rows:
         stage = "" if r["zero"] is None else f" zero={r['zero']}"
