@@ -4,14 +4,14 @@
 
 A GPT of ~40M parameters (12 layers, width 512, 320-token vocabulary) in fp32 at a tiny batch
 (2 x 64 per rank, one micro-batch of 1 twice), so weights, gradients and Adam state dominate. Each rank samples its RSS
-(psutil, every 5 ms) from just before the model is built to the end of the steps; the figure is
-peak RSS minus that baseline (imports, process group and loader excluded).
+(psutil, every 5 ms)
+from just before the model is built (after gc + malloc_trim) to the end of the steps: "peak" is
+the max minus that baseline (imports, process group and loader excluded); "resident" is the RSS
+after each step (gc + malloc_trim; gradients already freed) minus the baseline.
 
-Theory, fp32 weights and Adam (Ψ parameters, N data-parallel ranks; DeepSpeed keeps an fp32
-master partition even when the weights are fp32): ZeRO-0 16Ψ (weights 4, grads 4, m+v 8);
-ZeRO-1 8Ψ + 12Ψ/N (full weights and grads; master+m+v partitioned); ZeRO-2 4Ψ + 16Ψ/N
-(grads partitioned too); ZeRO-3 16Ψ/N (+ the layer being gathered). Offload moves the
-partitioned 12Ψ/N to host memory, which on a CPU mock cluster is the same RSS: it must match
+Theory columns (buffers and activations excluded): the ZeRO paper's count with fp32 Adam
+(16, 8+8/N, 4+12/N, 16/N) and DeepSpeed's fp32 layout, which clones an fp32 master partition
+and keeps its gradient (16, 8+16/N, 4+16/N, 20/N). Offload on a CPU mock cluster is host RSS: as
 ZeRO-2. Writes bench/results/memory.json.
 """
 from __future__ import annotations
