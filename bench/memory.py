@@ -4,19 +4,20 @@
 
 A GPT of ~40M parameters (12 layers, width 512, 320-token vocabulary) in fp32 at a tiny batch
 (2 x 64 per rank, one micro-batch of 1 twice), so weights, gradients and Adam state dominate. Each rank samples its RSS
-(psutil, every 5 ms) from just before the model is built to the end of the steps; the figure is
-peak RSS minus that baseline (imports, process group and loader excluded).
+(psutil, every 5 ms)
+from just before the model is built (after gc + malloc_trim) to the end of the steps: "peak" is
+the max minus that baseline (imports, process group and loader excluded); "resident" is the RSS
+after each step (gc + malloc_trim; gradients already freed) minus the baseline.
 
-Theory, fp32 weights and Adam (Ψ parameters, N data-parallel ranks; DeepSpeed keeps an fp32
-master partition even when the weights are fp32): ZeRO-0 16Ψ (weights 4, grads 4, m+v 8);
-ZeRO-1 8Ψ + 12Ψ/N (full weights and grads; master+m+v partitioned); ZeRO-2 4Ψ + 16Ψ/N
-(grads partitioned too); ZeRO-3 16Ψ/N (+ the layer being gathered). Offload moves the
-partitioned 12Ψ/N to host memory, which on a CPU mock cluster is the same RSS: it must match
+Theory columns (buffers and activations excluded): the ZeRO paper's count with fp32 Adam
+(16, 8+8/N, 4+12/N, 16/N) and DeepSpeed's fp32 layout, which clones an fp32 master partition
+and keeps its gradient (16, 8+16/N, 4+16/N, 20/N). Offload on a CPU mock cluster is host RSS: as
 ZeRO-2. Writes bench/results/memory.json.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -30,8 +31,30 @@ CONFIGS = {"zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["
 
 
 def theory_bytes_per_param(name: str, n: int) -> float:
-    return {"zero0": 16.0, "zero1": 8 + 12 / n, "zero2": 4 + 16 / n, "zero3": 16 / n,
+    """The ZeRO paper's model-state count with fp32 Adam (weights double as the master copy:
+    weights 4, grads 4, m+v 8 bytes/param), buffers and activations excluded."""
+    return {"zero0": 16.0, "zero1": 8 + 8 / n, "zero2": 4 + 12 / n, "zero3": 16 / n,
+            "zero2_offload": 4 + 12 / n}[name]
+
+
+def deepspeed_bytes_per_param(name: str, n: int) -> float:
+    """The same count for DeepSpeed's fp32 layout: from ZeRO-1 on it clones an fp32 master
+    partition (4/N) beside the module's weights and keeps that partition's own gradient (4/N);
+    ZeRO-0 steps torch's AdamW on the module directly (no clone). Buckets excluded."""
+    return {"zero0": 16.0, "zero1": 8 + 16 / n, "zero2": 4 + 16 / n, "zero3": 20 / n,
             "zero2_offload": 4 + 16 / n}[name]
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so RSS shows what is alive, not what was."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 class RssPeak:
@@ -60,6 +83,7 @@ def memory_job(job: Dict, rank: int, world: int) -> Dict:
     import torch.distributed as dist
 
     import dist_llm.models as models_mod
+    import dist_llm.train.callbacks as cb_mod
     from dist_llm.launch.env import read_launch_env
 
     cfg = compose_cfg([*job["overrides"], "name=mem", f"train.max_steps={job['steps']}", "train.micro_batch_size=1",
@@ -77,15 +101,28 @@ def memory_job(job: Dict, rank: int, world: int) -> Dict:
         box["params"] = sum(p.numel() for p in model.parameters())
         return model
 
+    orig_end = cb_mod.MetricsCallback.on_step_end
+    resident = []
+
+    def resident_after_step(self, trainer, stats, step_time_s):  # model states alive, temporaries freed
+        orig_end(self, trainer, stats, step_time_s)
+        _trim_heap()
+        resident.append(box["rss"].proc.memory_info().rss - box["rss"].baseline)
+
+    _trim_heap()
     models_mod.build_model = build_and_start
+    cb_mod.MetricsCallback.on_step_end = resident_after_step
     try:
         ours(cfg, read_launch_env())
     finally:
         models_mod.build_model = orig
+        cb_mod.MetricsCallback.on_step_end = orig_end
     peak = box["rss"].stop()
+    mine = (peak, max(resident))
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, peak) if world > 1 else per_rank.__setitem__(0, peak)
-    return {"params": box["params"], "peak_bytes": per_rank}
+    dist.all_gather_object(per_rank, mine) if world > 1 else per_rank.__setitem__(0, mine)
+    return {"params": box["params"], "peak_bytes": [p for p, _ in per_rank],
+            "resident_bytes": [r for _, r in per_rank]}
 
 
 def main() -> None:
@@ -96,21 +133,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = ap.parse_args()
+    # Large tensors straight from mmap, so a freed one leaves RSS at once (glibc's default
+    # threshold grows past the size of our weight matrices after the first frees and then keeps
+    # freed matrices in the heap, where RSS counts them long after). Inherited by the spawned ranks.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in args.configs:
             r = run_ranks(args.ranks, {"overrides": CONFIGS[name], "steps": args.steps, "layers": args.layers,
                                        "width": args.width, "workdir": str(Path(d) / name)}, "bench.memory:memory_job")
-            psi = r["params"]
-            measured = max(r["peak_bytes"]) / psi
-            theory = theory_bytes_per_param(name, args.ranks)
+            psi, n = r["params"], args.ranks
             rows.append({"config": name, "params": psi, "peak_bytes_per_rank": r["peak_bytes"],
-                         "measured_bytes_per_param": measured, "theory_bytes_per_param": theory,
-                         "measured_over_theory": measured / theory})
-    print(f"{'config':<14} {'params':>10} {'peak MB/rank':>12} {'B/param':>8} {'theory':>7} {'ratio':>6}")
+                         "resident_bytes_per_rank": r["resident_bytes"],
+                         "peak_bytes_per_param": max(r["peak_bytes"]) / psi,
+                         "resident_bytes_per_param": max(r["resident_bytes"]) / psi,
+                         "theory_bytes_per_param": theory_bytes_per_param(name, n),
+                         "deepspeed_theory_bytes_per_param": deepspeed_bytes_per_param(name, n)})
+    print(f"{'config':<14} {'params':>9} {'peakMB':>7} {'peak B/p':>8} {'resid B/p':>9} {'paper':>6} "
+          f"{'DS':>6} {'resid/paper':>11} {'resid/DS':>8} {'peak/DS':>7}")
     for r in rows:
-        print(f"{r['config']:<14} {r['params']:>10} {max(r['peak_bytes_per_rank']) / 2**20:>12.0f} "
-              f"{r['measured_bytes_per_param']:>8.2f} {r['theory_bytes_per_param']:>7.2f} {r['measured_over_theory']:>6.2f}")
+        res, th, ds = r["resident_bytes_per_param"], r["theory_bytes_per_param"], r["deepspeed_theory_bytes_per_param"]
+        print(f"{r['config']:<14} {r['params']:>9} {max(r['peak_bytes_per_rank']) / 2**20:>7.0f} "
+              f"{r['peak_bytes_per_param']:>8.2f} {res:>9.2f} {th:>6.2f} {ds:>6.2f} {res / th:>11.2f} "
+              f"{res / ds:>8.2f} {r['peak_bytes_per_param'] / ds:>7.2f}")
     print(f"results: {write_result('memory', {'args': vars(args), 'rows': rows})}")
 
 

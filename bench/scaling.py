@@ -21,7 +21,8 @@ def scaling_job(job: Dict, rank: int, world: int) -> Dict:
     from dist_llm.launch.env import read_launch_env
 
     cfg = compose_cfg([f"parallel={job['parallel']}", "name=scale", f"train.max_steps={job['steps']}",
-                       f"train.global_batch_size={12 * world}"], Path(job["workdir"]))
+                       f"train.global_batch_size={12 * world}",
+                       "data.lanes=4"], Path(job["workdir"]))
     t0 = time.perf_counter()
     ends = ours(cfg, read_launch_env())
     return {"tokens_per_s": steady_tokens_per_s(ends, t0, cfg.train.global_batch_size * cfg.train.seq_len,
