@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = range(1, 7)
 COMMON = ["experiment=bert_stdlib", "logging=none", "train.ui.progress_bar=off", "train.log_every=1",
-          "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.warmup_steps=2",
+          "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "data.lanes=8", "optim.warmup_steps=2",
           "train.eval_every=6", "train.eval_batches=1", "train.checkpoint.every=3",
           "train.checkpoint.save_at_end=true", "train.checkpoint.keep_last=5"]
 RUNS = {"ds": ["parallel=zero0", "launcher.nproc=1"], "mg": ["parallel=tp2", "launcher.nproc=2"]}
