@@ -69,11 +69,13 @@ def build_stdlib_corpus(
             "tokenizer": ByteTokenizer().meta(), "built": True}
 
 
-def _complete_records(out: Path, fmt: str, seq_len: Optional[int]) -> bool:
+def _complete_records(out: Path, fmt: str, seq_len: Optional[int], vocab: Optional[int] = None) -> bool:
     try:
         for split in ("train", "val"):
             m = read_manifest(out / split, expect=fmt)
             if m.get("format") != fmt or (seq_len is not None and m.get("seq_len") != seq_len):
+                return False
+            if vocab is not None and m.get("vocab_size") != vocab:  # e.g. an old char-token set: rebuild
                 return False
     except (OSError, ValueError):
         return False
@@ -110,7 +112,7 @@ def build_embedded_set(out_dir: Union[str, "os.PathLike[str]"], kind: str, seq_l
     off = dict(clean=CleanConfig(steps=[]), filter=FilterConfig(enabled=False),
                dedup=DedupConfig(exact=False, near=False))
     if kind == "stdlib_bert":
-        if _complete_records(out, PAIRS_FORMAT, seq_len):
+        if _complete_records(out, PAIRS_FORMAT, seq_len, vocab=BERT_EMBEDDED_VOCAB):
             return False
         cfg = PrepareConfig(output_dir=str(out), workers=1, progress="off",
                             input=PrepareInputConfig(embedded=EmbeddedInput.stdlib, embedded_max_bytes=max_bytes),
