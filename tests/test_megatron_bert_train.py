@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = range(1, 7)
 COMMON = ["experiment=bert_stdlib", "logging=none", "train.ui.progress_bar=off", "train.log_every=1",
-          "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.warmup_steps=2",
+          "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "data.lanes=2", "optim.warmup_steps=2", "optim.lr=1e-3",
           "train.eval_every=6", "train.eval_batches=1", "train.checkpoint.every=3",
           "train.checkpoint.save_at_end=true", "train.checkpoint.keep_last=5"]
 RUNS = {"ds": ["parallel=zero0", "launcher.nproc=1"], "mg": ["parallel=tp2", "launcher.nproc=2"]}
@@ -36,7 +36,7 @@ def runs(tmp_path_factory) -> Path:
     from dist_llm.prepare.embedded import build_embedded_set
 
     root = tmp_path_factory.mktemp("megatron_bert")
-    build_embedded_set(root / "data" / "stdlib_bert", "stdlib_bert", 128, max_bytes=400_000)
+    build_embedded_set(root / "data" / "stdlib_bert", "stdlib_bert", 128, max_bytes=400_000)  # 4 train shards: 2 lanes
     for name, extra in RUNS.items():
         run_cli(["train", *COMMON, f"name={name}", *extra], cwd=root)
     return root / "runs"
@@ -50,7 +50,8 @@ def test_bert_tp2_equals_one_device_zero0(runs):
         print(f"{key}: max relative difference tp2 vs zero0 over 6 steps = {diff:.2e}")
         assert diff < 1e-4, (key, got, ref)
     ref_loss = metrics(runs / "ds")
-    assert ref_loss[6] < ref_loss[1] - 0.3, "the model did not learn; the comparison would be vacuous"
+    # 0.2: BPE-512 pairs at lr 1e-3 fall ~0.29 in 6 steps (char pairs fell more)
+    assert ref_loss[6] < ref_loss[1] - 0.2, "the model did not learn; the comparison would be vacuous"
     for key in ("train/mlm_accuracy", "train/nsp_accuracy", "val/mlm_accuracy", "val/nsp_accuracy",
                 "val/mlm_loss"):
         ref, got = metrics(runs / "ds", key), metrics(runs / "mg", key)

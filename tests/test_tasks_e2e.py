@@ -25,7 +25,7 @@ def bert_cache(tmp_path_factory) -> Path:
     from dist_llm.prepare.embedded import build_embedded_set
 
     out = tmp_path_factory.mktemp("bert_cache") / "stdlib_bert"
-    build_embedded_set(out, "stdlib_bert", 128, max_bytes=400_000)  # the experiment's default size
+    build_embedded_set(out, "stdlib_bert", 128, max_bytes=2_000_000)  # the experiment's default set
     return out
 
 

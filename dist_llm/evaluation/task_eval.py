@@ -129,6 +129,11 @@ def _reduce(task: Task, sums: Dict[str, torch.Tensor], loss_sum: torch.Tensor, c
     for i, k in enumerate(names):
         s, c = flat[2 + 2 * i], flat[3 + 2 * i]
         out[k] = float(s / c) if float(c) else float("nan")
+    if "mlm_loss" in out and "nsp_loss" in out:
+        # BERT's loss is MLM mean (per masked token) + NSP mean: over the whole split, not a
+        # sample-weighted mean of per-batch sums, which depends on how many masked tokens each
+        # batch holds and so on the world size (3e-5 relative on padded BPE pairs).
+        out["loss"] = out["mlm_loss"] + out["nsp_loss"]
     if task.sample_format == TOKENS:
         out["ppl"] = math.exp(min(out["loss"], 50.0))
         out["tokens"] = int(flat[1])

@@ -69,24 +69,32 @@ def build_stdlib_corpus(
             "tokenizer": ByteTokenizer().meta(), "built": True}
 
 
-def _complete_records(out: Path, fmt: str, seq_len: Optional[int]) -> bool:
+def _complete_records(out: Path, fmt: str, seq_len: Optional[int], vocab: Optional[int] = None) -> bool:
     try:
         for split in ("train", "val"):
             m = read_manifest(out / split, expect=fmt)
             if m.get("format") != fmt or (seq_len is not None and m.get("seq_len") != seq_len):
+                return False
+            if vocab is not None and m.get("vocab_size") != vocab:  # e.g. an old char-token set: rebuild
                 return False
     except (OSError, ValueError):
         return False
     return True
 
 
+# BPE, not chars: NSP only transfers to unseen files when a shared identifier is one token (a
+# 2-layer char model memorises which file a segment came from instead; docs/model-path.md).
+# 512 matches model=bert_tiny's vocab_size.
+BERT_EMBEDDED_VOCAB = 512
+
+
 def build_embedded_set(out_dir: Union[str, "os.PathLike[str]"], kind: str, seq_len: int,
-                       max_bytes: int = 3_000_000, samples_per_shard: int = 256) -> bool:
+                       max_bytes: int = 3_000_000, samples_per_shard: Optional[int] = None) -> bool:
     """The embedded data set ``kind`` under ``out_dir/{train,val}`` (skipped when complete; returns
     whether it was built):
 
     * ``stdlib``: byte tokens, causal windows (:func:`build_stdlib_corpus`);
-    * ``stdlib_bert``: char tokenizer, ``[CLS] A [SEP] B [SEP]`` pairs of ``seq_len`` for task=mlm_nsp;
+    * ``stdlib_bert``: BPE tokenizer of :data:`BERT_EMBEDDED_VOCAB` tokens, ``[CLS] A [SEP] B [SEP]`` pairs of ``seq_len`` for task=mlm_nsp;
       every 5th file is validation (stdlib files are large: 400 kB is ~13 files), so the val
       split holds several documents and its random-next pairs (NSP label 1) exist;
     * ``digits``: scikit-learn's 8x8 digits as (image, label) for task=classify; every 5th image
@@ -95,16 +103,20 @@ def build_embedded_set(out_dir: Union[str, "os.PathLike[str]"], kind: str, seq_l
     from dist_llm.data.shards import IMAGES_FORMAT, PAIRS_FORMAT
 
     out = Path(out_dir)
+    if samples_per_shard is None:
+        # stdlib_bert: small shards, so data=stdlib_bert's 16 lanes mix ~16 shards (files) per
+        # batch; with 256 a lane stays on one or two files for ~25 steps and val NSP lagged.
+        samples_per_shard = 32 if kind == "stdlib_bert" else 256
     if kind == "stdlib":
         return bool(build_stdlib_corpus(out, seq_len, max_bytes, samples_per_shard)["built"])
     off = dict(clean=CleanConfig(steps=[]), filter=FilterConfig(enabled=False),
                dedup=DedupConfig(exact=False, near=False))
     if kind == "stdlib_bert":
-        if _complete_records(out, PAIRS_FORMAT, seq_len):
+        if _complete_records(out, PAIRS_FORMAT, seq_len, vocab=BERT_EMBEDDED_VOCAB):
             return False
         cfg = PrepareConfig(output_dir=str(out), workers=1, progress="off",
                             input=PrepareInputConfig(embedded=EmbeddedInput.stdlib, embedded_max_bytes=max_bytes),
-                            tokenizer=TokenizerPrepConfig(kind=TokenizerKind.char),
+                            tokenizer=TokenizerPrepConfig(kind=TokenizerKind.bpe, vocab_size=BERT_EMBEDDED_VOCAB),
                             pack=PackConfig(kind=PackKind.bert, seq_len=seq_len, samples_per_shard=samples_per_shard),
                             split=SplitConfig(val_fraction=0.0, val_every=5), **off)
     elif kind == "digits":
