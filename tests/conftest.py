@@ -31,3 +31,25 @@ def compress_runs(tmp_path_factory, stdlib_cache):
 
     root = tmp_path_factory.mktemp("compress")
     return {preset: train_checkpoint(root, stdlib_cache, preset) for preset in ("gpt2", "llama")}
+
+
+# Variables that make a process a rank of some job. A test that sets them in this process (an
+# in-process process group, a launcher helper) must not hand them to the next test, whose
+# subprocesses would then believe they are rank 0 of a world of one.
+_RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+             "TORCHELASTIC_USE_AGENT_STORE", "DIST_LLM_JOB_ID", "DIST_LLM_LAUNCHER")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_rank_env_leaks():
+    import os
+
+    saved = {k: os.environ.get(k) for k in _RANK_ENV}
+    yield
+    leaked = {k: os.environ.get(k) for k in _RANK_ENV if os.environ.get(k) != saved[k]}
+    for k in leaked:
+        if saved[k] is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = saved[k]

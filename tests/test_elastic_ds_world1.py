@@ -17,20 +17,30 @@ from dist_llm.parallel.elastic_state import STATES, read_plain_state
 
 @pytest.fixture(scope="module")
 def world1():
+    # Restored afterwards: a leaked RANK/WORLD_SIZE would change how later in-process tests plan
+    # their world size.
+    saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "LOCAL_RANK", "RANK", "WORLD_SIZE")}
     for k, v in (("DS_ACCELERATOR", "cpu"), ("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)
     import torch.distributed as dist
 
     from dist_llm.parallel.deepspeed_engine import _skip_shm_comm_op
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     _skip_shm_comm_op()
     yield
-    dist.destroy_process_group()
+    if created:
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _engine(stage: int, steps: int, offload: bool = False):
