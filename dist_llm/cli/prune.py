@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List
+from typing import Any, Callable, Dict, List
 
 from dist_llm.config.compress_schema import (CompressConfigError, EvalLMConfig, FinetuneConfig, Importance,
                                              PruneConfig, PruneMethod, PruneScope)
@@ -58,16 +58,22 @@ def parse(argv: List[str]) -> PruneConfig:
         eval=eval_config(a), overwrite=a.force)
 
 
-def main(argv: List[str]) -> int:
+def run_compress_command(name: str, run: Callable[[Any], Dict[str, Any]], cfg: Any, summary_keys: tuple) -> int:
+    """The shared driver of ``dist-llm prune`` / ``quantize``: run, print the report's table and a
+    one-line JSON summary; a bad config or checkpoint is exit code 2 with the message."""
     from dist_llm.compress import CompressError
-    from dist_llm.compress.prune import run_prune
 
-    cfg = parse(argv)
     try:
-        report = run_prune(cfg)
+        report = run(cfg)
     except (CompressConfigError, CompressError, ValueError) as e:
-        print(f"dist-llm prune: {e}", file=sys.stderr)
+        print(f"dist-llm {name}: {e}", file=sys.stderr)
         return 2
     print(report.pop("table"))
-    print(json.dumps({k: report[k] for k in ("out", "method", "final_sparsity", "model")}))
+    print(json.dumps({k: report[k] for k in summary_keys}))
     return 0
+
+
+def main(argv: List[str]) -> int:
+    from dist_llm.compress.prune import run_prune
+
+    return run_compress_command("prune", run_prune, parse(argv), ("out", "method", "final_sparsity", "model"))

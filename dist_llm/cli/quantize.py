@@ -6,12 +6,10 @@ asked for with --check failed.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import List
 
-from dist_llm.cli.prune import add_eval_flags, eval_config
-from dist_llm.config.compress_schema import CompressConfigError, QuantizeConfig, QuantMode
+from dist_llm.cli.prune import add_eval_flags, eval_config, run_compress_command
+from dist_llm.config.compress_schema import QuantizeConfig, QuantMode
 
 
 def parse(argv: List[str]) -> QuantizeConfig:
@@ -27,15 +25,7 @@ def parse(argv: List[str]) -> QuantizeConfig:
 
 
 def main(argv: List[str]) -> int:
-    from dist_llm.compress import CompressError
     from dist_llm.compress.quantize_cmd import run_quantize
 
-    cfg = parse(argv)
-    try:
-        report = run_quantize(cfg)
-    except (CompressConfigError, CompressError, ValueError) as e:
-        print(f"dist-llm quantize: {e}", file=sys.stderr)
-        return 2
-    print(report.pop("table"))
-    print(json.dumps({k: report[k] for k in ("out", "mode", "linears", "bytes_ratio", "ppl_rel_change")}))
-    return 0
+    return run_compress_command("quantize", run_quantize, parse(argv),
+                                ("out", "mode", "linears", "bytes_ratio", "ppl_rel_change"))

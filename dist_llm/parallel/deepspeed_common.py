@@ -154,11 +154,13 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
 def _local_grads_nonfinite(module: nn.Module, device: torch.device) -> torch.Tensor:
     """1.0 if a gradient this rank holds is inf/nan (ZeRO-2/3 free them after reducing: their
     optimizer checks its partitions itself)."""
-    bad = torch.zeros((), dtype=torch.float64, device=device)
-    for p in module.parameters():
-        if p.grad is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(p.grad).all()).double())
-    return bad
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    # One foreach max-|g| per tensor (inf/nan anywhere makes it non-finite) instead of an
+    # isfinite pass plus a running maximum per parameter on every step.
+    worst = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+    return (~torch.isfinite(worst).all()).double().to(device)
 
 
 @contextmanager
