@@ -39,3 +39,23 @@ def metrics(run_dir: Path, key: str = "train/loss") -> Dict[int, float]:
 
 def max_rel_diff(a: Dict[int, float], b: Dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in steps)
+
+
+class TrainRunCache:
+    """Each named `dist-llm train` run of a test module, started once and shared by its tests:
+    ``get(name, extra, base)`` runs ``common + overrides[base or name] + extra`` in ``root`` the
+    first time and returns its run directory."""
+
+    def __init__(self, root: Path, common: list, overrides: dict):
+        self.root, self.common, self.overrides = root, common, overrides
+        self.done: dict = {}
+
+    def get(self, name: str, extra=(), base: str = "") -> Path:
+        if name not in self.done:
+            run_cli(["train", *self.common, f"name={name}", *self.overrides.get(base or name, []), *extra],
+                    cwd=self.root, env={"PYTHONPATH": str(REPO)}, timeout=900)
+            self.done[name] = self.root / "runs" / name
+        return self.done[name]
+
+    def ckpt(self, name: str, step: int) -> Path:
+        return self.get(name) / "checkpoints" / f"step-{step:08d}"

@@ -31,7 +31,7 @@ import dist_llm.parallel.megatron.elastic  # noqa: F401 - registers the Megatron
 from dist_llm.launch.local import spawn_local
 from dist_llm.parallel.elastic_state import READERS, read_plain_state
 
-from helpers import REPO, TINY, max_rel_diff, metrics, run_cli
+from helpers import REPO, TINY, TrainRunCache, max_rel_diff, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -69,28 +69,11 @@ needs_elastic_ds = pytest.mark.skipif(not _elastic_manager_landed(),
                                              "(branch elastic-ds)")
 
 
-class Runs:
-    def __init__(self, root: Path):
-        self.root = root
-        self.done = {}
-
-    def get(self, name: str, base: str = "", extra=()) -> Path:
-        """Run ``name`` (the overrides of ``RUNS[base or name]`` plus ``extra``) once; its run dir."""
-        if name not in self.done:
-            run_cli(["train", *COMMON, f"name={name}", *RUNS[base or name], *extra], cwd=self.root,
-                    env={"PYTHONPATH": str(REPO)}, timeout=900)
-            self.done[name] = self.root / "runs" / name
-        return self.done[name]
-
-    def ckpt(self, name: str, step: int) -> Path:
-        return self.get(name) / "checkpoints" / f"step-{step:08d}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stdlib_cache):
     root = tmp_path_factory.mktemp("elastic-mg")
     shutil.copytree(stdlib_cache, root / "data" / "stdlib")
-    return Runs(root)
+    return TrainRunCache(root, COMMON, RUNS)
 
 
 def _manifest(ckpt: Path) -> dict:
@@ -173,7 +156,7 @@ def test_resume_across_engines(runs, tmp_path, src, target):
     ZeRO-2 at 2 ranks, through the checkpoint manager: the next 10 losses equal the uninterrupted
     run's. The moved state itself (the worker loads step 10 into the target and saves it at once)
     equals the saved one; after 10 more steps the moments still track the uninterrupted run's."""
-    resumed = runs.get(f"{target}-from-{src}", target, [f"train.checkpoint.resume={runs.ckpt(src, 10)}"])
+    resumed = runs.get(f"{target}-from-{src}", [f"train.checkpoint.resume={runs.ckpt(src, 10)}"], base=target)
     got, want = metrics(resumed), metrics(runs.get(src))
     assert sorted(got) == list(range(11, 21)), "the resumed run must start after the checkpoint"
     diff = max_rel_diff(got, want, range(11, 21))

@@ -15,7 +15,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY, max_rel_diff, metrics, run_cli
+from helpers import TINY, TrainRunCache, max_rel_diff, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -42,28 +42,11 @@ RUNS = {  # name -> CLI overrides
 TOL = 1e-5
 
 
-class Runs:
-    def __init__(self, root: Path):
-        self.root = root
-        self.done = {}
-
-    def get(self, name: str, extra=()) -> Path:
-        if name not in self.done:
-            args = RUNS.get(name, [])
-            run_cli(["train", *COMMON, f"name={name}", *args, *extra], cwd=self.root,
-                    env={"PYTHONPATH": str(REPO)}, timeout=900)
-            self.done[name] = self.root / "runs" / name
-        return self.done[name]
-
-    def ckpt(self, name: str, step: int) -> Path:
-        return self.get(name) / "checkpoints" / f"step-{step:08d}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stdlib_cache):
     root = tmp_path_factory.mktemp("megatron")
     shutil.copytree(stdlib_cache, root / "data" / "stdlib")
-    return Runs(root)
+    return TrainRunCache(root, COMMON, RUNS)
 
 
 STEPS = range(1, 21)
