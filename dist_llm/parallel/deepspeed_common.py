@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,22 @@ from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import Engine, PhaseClock, accumulate
 
 
-def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
+def owns_clipping(cfg: JobConfig, tp: int = 1) -> bool:
+    """Whether our step computes the gradient norm and clips, instead of DeepSpeed.
+
+    ZeRO-0 in fp32 at tp = 1: after ``backward`` every rank holds the full, averaged gradients, so
+    one foreach norm over them (what ``torch.nn.utils.clip_grad_norm_`` computes) is the global
+    norm, the non-finite check (an inf/nan anywhere makes it inf/nan) and the clip coefficient at
+    once. DeepSpeed's stage-0 clipping would loop over the tensors and all-reduce the norm over
+    the data-parallel group once more. ZeRO-1/2/3, bf16/fp16 (their optimizers own partitioned
+    or low-precision buffers) and tp > 1 (a norm over TP shards) keep DeepSpeed's."""
+    par = cfg.parallel
+    return par.zero_stage == 0 and par.precision == "fp32" and tp == 1
+
+
+def deepspeed_config(cfg: JobConfig, dp: int, own_clipping: bool = False) -> Dict[str, Any]:
+    """Our config as DeepSpeed's dict. ``own_clipping`` (:func:`owns_clipping`): DeepSpeed does
+    not clip, the step does."""
     tr, opt, par = cfg.train, cfg.optim, cfg.parallel
     zero: Dict[str, Any] = {"stage": par.zero_stage}
     if par.offload_optimizer:
@@ -34,7 +49,7 @@ def deepspeed_config(cfg: JobConfig, dp: int) -> Dict[str, Any]:
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(tr.global_batch_size, tr.micro_batch_size, dp),
-        "gradient_clipping": opt.grad_clip,
+        "gradient_clipping": 0.0 if own_clipping else opt.grad_clip,
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
@@ -96,22 +111,35 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
 Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
 
 
+class MicroStepResult(NamedTuple):
+    loss: float  # global mean loss (from the agreement)
+    applied: bool  # the update was applied
+    finite: bool  # loss and gradients finite on every rank
+    grad_norm: float  # the step's own norm before clipping when it owns clipping, else nan
+
+
 def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
-                        loss_fn: Callable[[Any], Any], device: torch.device,
-                        agree: Agree, before_optimizer_step: Optional[Callable[[], None]] = None,
+                        loss_fn: Callable[[Any], Any], device: torch.device, agree: Agree,
+                        max_norm: Optional[float] = None,
                         metrics_into: Optional[Dict[str, torch.Tensor]] = None,
-                        clock: Optional[PhaseClock] = None) -> Tuple[float, bool, bool]:
+                        clock: Optional[PhaseClock] = None) -> MicroStepResult:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
 
     ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
-    pairs are added into ``metrics_into`` (float64 2-vectors, reduced by the caller). Before the
-    optimizer step every rank agrees (``agree``: one all-reduce) on the global loss and on
-    whether loss and gradients are finite; ``owner.step_gate`` then decides whether the update is
-    applied, identically everywhere. Returns (global loss, applied, finite). A ZeRO optimizer's
-    own overflow check (partitioned gradients this rank cannot see) also withholds the update and
-    counts as non-finite. The loss sum stays on the device until that all-reduce. ``clock`` gets
-    ``fwd_bwd_s`` (forward, backward and the gradient reduction DeepSpeed runs inside ``backward``),
-    ``comm_s`` (the agreement all-reduce) and ``optim_s`` (the step; under ZeRO-1/2/3 it includes
+    pairs are added into ``metrics_into`` (float64 2-vectors; the caller's ``agree`` may reduce
+    them in its all-reduce). Before the optimizer step every rank agrees (``agree``: one
+    all-reduce) on the global loss and on whether loss and gradients are finite;
+    ``owner.step_gate`` then decides whether the update is applied, identically everywhere. A
+    ZeRO optimizer's own overflow check (partitioned gradients this rank cannot see) also
+    withholds the update and counts as non-finite. The loss sum stays on the device until that
+    all-reduce.
+
+    ``max_norm`` not None: the step owns clipping (:func:`owns_clipping`; DeepSpeed was configured
+    not to clip): the gradients' total 2-norm is computed once with foreach kernels, serves as the
+    non-finite flag, is returned as ``grad_norm`` and clips (when ``max_norm`` > 0) as
+    ``torch.nn.utils.clip_grad_norm_`` would. ``clock`` gets ``fwd_bwd_s`` (forward, backward and
+    the gradient reduction DeepSpeed runs inside ``backward``), ``comm_s`` (the norm or non-finite
+    check and the agreement all-reduce) and ``optim_s`` (the step; under ZeRO-1/2/3 it includes
     the parameter all-gather).
     """
     clock = clock or PhaseClock()
@@ -134,33 +162,39 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
         if not last:
             ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
     clock.mark("fwd_bwd_s")
+    params = _params_with_grads(ds_engine.module)
+    norm = _total_norm([p.grad for p in params], 2.0 if max_norm is not None else math.inf, device)
     owner.hook_phase("all_reduce:loss+nonfinite")
-    loss_mean, finite = agree(total, _local_grads_nonfinite(ds_engine.module, device))
+    loss_mean, finite = agree(total, (~torch.isfinite(norm)).double())
     clock.mark("comm_s")
     apply = owner.step_gate.allow(loss_mean, finite)
     owner.hook_phase("optimizer_step")
-    if apply and before_optimizer_step is not None:
-        before_optimizer_step()
     if apply:
+        if max_norm:  # owned clipping (max_norm 0 or None: none here); takes parameters, not grads
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         ds_engine.step()
     else:
         with _update_withheld(optimizer):
             ds_engine.step()  # the boundary bookkeeping (counters, zeroed grads), no update
     clock.mark("optim_s")
     overflow = bool(getattr(optimizer, "overflow", False))
-    return loss_mean, apply and not overflow, finite and not overflow
+    grad_norm = float(norm) if max_norm is not None else math.nan
+    return MicroStepResult(loss_mean, apply and not overflow, finite and not overflow, grad_norm)
 
 
-def _local_grads_nonfinite(module: nn.Module, device: torch.device) -> torch.Tensor:
-    """1.0 if a gradient this rank holds is inf/nan (ZeRO-2/3 free them after reducing: their
+def _params_with_grads(module: nn.Module) -> List[nn.Parameter]:
+    """The parameters whose gradients this rank holds (ZeRO-2/3 free them after reducing: their
     optimizer checks its partitions itself)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return [p for p in module.parameters() if p.grad is not None]
+
+
+def _total_norm(grads: List[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    """The ``norm_type`` norm over all of ``grads`` with foreach kernels, on the device, no host
+    sync. inf/nan in any gradient makes it inf/nan; the inf-norm (max |g|) cannot overflow, so as
+    a non-finite check it flags exactly the tensors holding inf/nan."""
     if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    # One foreach max-|g| per tensor (inf/nan anywhere makes it non-finite) instead of an
-    # isfinite pass plus a running maximum per parameter on every step.
-    worst = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
-    return (~torch.isfinite(worst).all()).double().to(device)
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.nn.utils.get_total_norm(grads, norm_type).to(device)
 
 
 @contextmanager
@@ -179,24 +213,11 @@ def _update_withheld(optimizer) -> Iterator[None]:
 
 def global_grad_norm(ds_engine, fallback: Optional[float] = None) -> float:
     """The norm of the last step's gradients before clipping: DeepSpeed's, else ``fallback``
-    (the engine's own count, see :func:`replicated_grad_norm`), else nan."""
+    (the step's own norm, see :func:`owns_clipping`), else nan."""
     gn = ds_engine.get_global_grad_norm()
     if gn is not None:
         return float(gn)
     return float(fallback) if fallback is not None else math.nan
-
-
-@torch.no_grad()
-def replicated_grad_norm(params) -> float:
-    """2-norm of ``p.grad`` over ``params`` when every rank holds the full, already averaged
-    gradients (ZeRO stage 0 after the boundary all-reduce): a local sum is the global norm.
-    DeepSpeed does not record a norm at stage 0, so the engine computes it here."""
-    sq = None
-    for p in params:
-        if p.grad is not None:
-            s = p.grad.detach().double().pow(2).sum()
-            sq = s if sq is None else sq + s
-    return math.sqrt(float(sq)) if sq is not None else math.nan
 
 
 def skip_single_rank_allreduce(ds_engine, cfg: JobConfig, dp: int) -> None:

@@ -18,9 +18,8 @@ from torch import nn
 
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel import deepspeed_elastic
-from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
-                                                replicated_grad_norm, skip_single_rank_allreduce,
-                                                train_micro_batches)
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, owns_clipping, param_groups,
+                                                skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.elastic_state import PlainOptimizerState
 from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
@@ -87,7 +86,9 @@ class DeepSpeedEngine(Engine):
         self.layout = layout
         self.stage = cfg.parallel.zero_stage
         self.model = model
-        self.ds_config = deepspeed_config(cfg, layout.dp)
+        # ZeRO-0 fp32: the step computes the norm and clips (one foreach pass, no extra all-reduce)
+        self.max_norm = cfg.optim.grad_clip if owns_clipping(cfg) else None
+        self.ds_config = deepspeed_config(cfg, layout.dp, own_clipping=self.max_norm is not None)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         if cfg.parallel.precision == "bf16":
             model = model.to(torch.bfloat16)
@@ -107,37 +108,30 @@ class DeepSpeedEngine(Engine):
             return self.engine(batch[:, :-1], batch[:, 1:])
         return self.task.loss(self.engine, batch)
 
-    def _reduce_metrics(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Sum the task's (sum, count) pairs over ranks in one all-reduce (sorted names: every
-        rank runs the same task, so every rank holds the same names)."""
-        if not sums:
-            return {}
-        names = sorted(sums)
-        stacked = torch.stack([sums[k] for k in names])
-        self.layout.all_reduce_sum(stacked)
-        return reduce_metrics(dict(zip(names, stacked)))
-
     def train_step(self, micro_batches: List[Any], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")
-        norm = {}
-        own_norm = None
-        if self.stage == 0:  # DeepSpeed records no norm at stage 0: count it before the step clips
-            own_norm = lambda: norm.setdefault("gn", replicated_grad_norm(self.engine.module.parameters()))  # noqa: E731
-        sums: Dict[str, torch.Tensor] = {}
+        sums: Dict[str, torch.Tensor] = {}  # the task's metrics: reduced in the step's one all-reduce
+        reduced: Dict[str, float] = {}
         clock = self.phase_clock()
-        loss, applied, finite = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr,
-                                                    self._loss, self.device, self._agree,
-                                                    before_optimizer_step=own_norm, metrics_into=sums, clock=clock)
-        return StepStats(loss=loss, grad_norm=global_grad_norm(self.engine, norm.get("gn")), applied=applied,
-                         finite=finite, metrics=self._reduce_metrics(sums), timings=clock.times)
+        res = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
+                                  lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
+                                  metrics_into=sums, clock=clock)
+        return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.engine, res.grad_norm), applied=res.applied,
+                         finite=res.finite, metrics=reduced, timings=clock.times)
 
-    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> Tuple[float, bool]:
-        """One all-reduce: the global mean loss and whether any rank saw a non-finite value."""
-        both = torch.stack([loss_sum, nonfinite])
-        self.layout.all_reduce_sum(both)
-        loss = float(both[0]) / (self.grad_accum * self.layout.dp)
-        return loss, math.isfinite(loss) and float(both[1]) == 0.0
+    def _agree(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor, sums: Dict[str, torch.Tensor],
+               reduced: Dict[str, float]) -> Tuple[float, bool]:
+        """One all-reduce for the step: the global mean loss, whether any rank saw a non-finite
+        value, and the task's (sum, count) metric pairs (sorted names: every rank runs the same
+        task), written into ``reduced``; one host read of the result."""
+        names = sorted(sums)
+        packed = torch.cat([torch.stack([loss_sum, nonfinite]), *(sums[k].reshape(2) for k in names)])
+        self.layout.all_reduce_sum(packed)
+        values = packed.tolist()
+        reduced.update(reduce_metrics({k: values[2 + 2 * i: 4 + 2 * i] for i, k in enumerate(names)}))
+        loss = values[0] / (self.grad_accum * self.layout.dp)
+        return loss, math.isfinite(loss) and values[1] == 0.0
 
     def _batch_size(self, mb: Any) -> int:
         return int(mb.shape[0]) if isinstance(mb, torch.Tensor) else self.task.batch_size(mb)
