@@ -84,8 +84,10 @@ def test_preemption_and_checkpoint_agreement_go_through_the_layout(recorder):
     with pytest.raises(_Recorded):
         PreemptionFlag().agreed(_layout())
     with pytest.raises(_Recorded):
+        PreemptionFlag().ask(_layout())  # the trainer's per-step form (all-reduce issued, answer later)
+    with pytest.raises(_Recorded):
         CheckpointManager("/nonexistent-run", _layout(), keep_last=1)._any_rank(True)
-    assert [r[1] for r in recorder] == [[META], [META]]
+    assert [r[1] for r in recorder] == [[META], [META], [META]]
 
 
 COLLECTIVE_CALL = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|reduce|barrier|"

@@ -62,3 +62,26 @@ def test_main_thread_install_catches_the_signal(tmp_path):
         assert flag.signum == signal.SIGUSR1 and flag.agreed(_OneRank())
     finally:
         flag.uninstall()
+
+
+def test_ask_samples_when_asked_with_several_ranks_and_when_answered_alone(tmp_path):
+    """The trainer's per-step form. Several ranks: the view is taken when asked (its all-reduce
+    runs during the step) and the file consumed when answered. One rank: nothing to agree, so the
+    view is read when answered (acted on at the very next step boundary)."""
+    class _TwoRanks:  # this rank's flag is what the (recorded) all-reduce returns
+        world_size = 2
+
+        def agree_later(self, flag: bool):
+            return lambda: bool(flag)
+
+    flag = PreemptionFlag(tmp_path / PREEMPT_FILE)
+    before = flag.ask(_TwoRanks())
+    (tmp_path / PREEMPT_FILE).touch()
+    assert before() is False and (tmp_path / PREEMPT_FILE).exists()  # asked before the request
+    after = flag.ask(_TwoRanks())
+    assert after() is True and not (tmp_path / PREEMPT_FILE).exists()
+    assert flag.ask(_TwoRanks())() is False
+
+    alone = flag.ask(_OneRank())
+    (tmp_path / PREEMPT_FILE).touch()
+    assert alone() is True and not (tmp_path / PREEMPT_FILE).exists()

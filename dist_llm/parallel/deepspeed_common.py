@@ -109,6 +109,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
 # Reduces (local loss sum, local "some gradient is non-finite" flag) over the ranks whose numbers
 # count and returns (global mean loss, finite everywhere): one all-reduce, equal on every rank.
 Agree = Callable[[torch.Tensor, torch.Tensor], Tuple[float, bool]]
+# Issues the loss all-reduce for a local loss sum without waiting; the returned function waits
+# and gives the global mean loss, equal on every rank.
+AgreeEarly = Callable[[torch.Tensor], Callable[[], float]]
 
 
 class MicroStepResult(NamedTuple):
@@ -120,7 +123,7 @@ class MicroStepResult(NamedTuple):
 
 def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
                         loss_fn: Callable[[Any], Any], device: torch.device, agree: Agree,
-                        max_norm: Optional[float] = None,
+                        max_norm: Optional[float] = None, agree_early: Optional[AgreeEarly] = None,
                         metrics_into: Optional[Dict[str, torch.Tensor]] = None,
                         clock: Optional[PhaseClock] = None) -> MicroStepResult:
     """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
@@ -137,35 +140,27 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     ``max_norm`` not None: the step owns clipping (:func:`owns_clipping`; DeepSpeed was configured
     not to clip): the gradients' total 2-norm is computed once with foreach kernels, serves as the
     non-finite flag, is returned as ``grad_norm`` and clips (when ``max_norm`` > 0) as
-    ``torch.nn.utils.clip_grad_norm_`` would. ``clock`` gets ``fwd_bwd_s`` (forward, backward and
-    the gradient reduction DeepSpeed runs inside ``backward``), ``comm_s`` (the norm or non-finite
-    check and the agreement all-reduce) and ``optim_s`` (the step; under ZeRO-1/2/3 it includes
-    the parameter all-gather).
+    ``torch.nn.utils.clip_grad_norm_`` would. ``agree_early`` (only where every rank holds the
+    full, averaged gradients after ``backward``, so the norm is the same everywhere: ZeRO-0):
+    the loss all-reduce is issued before the last backward and runs during it, and finiteness is
+    the global loss's and the norm's, with no collective after backward. ``clock`` gets
+    ``fwd_bwd_s`` (forward, backward and the gradient reduction DeepSpeed runs inside
+    ``backward``), ``comm_s`` (the norm or non-finite check and the agreement) and ``optim_s``
+    (the step; under ZeRO-1/2/3 it includes the parameter all-gather).
     """
     clock = clock or PhaseClock()
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n = len(micro_batches)
-    for i, mb in enumerate(micro_batches):
-        last = i == n - 1
-        loss = loss_fn(mb)
-        if isinstance(loss, tuple):
-            loss, metrics = loss
-            if metrics_into is not None:
-                accumulate(metrics_into, metrics, device)
-        loss = owner.hook_before_backward(loss, last)
-        owner.hook_phase("backward")
-        ds_engine.backward(loss)
-        owner.hook_after_backward(last)
-        total += loss.detach().double()
-        if not last:
-            ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+    total, answer = _forward_backward(owner, ds_engine, micro_batches, loss_fn, device, agree_early, metrics_into)
     clock.mark("fwd_bwd_s")
     params = _params_with_grads(ds_engine.module)
     norm = _total_norm([p.grad for p in params], 2.0 if max_norm is not None else math.inf, device)
-    owner.hook_phase("all_reduce:loss+nonfinite")
-    loss_mean, finite = agree(total, (~torch.isfinite(norm)).double())
+    if answer is None:
+        owner.hook_phase("all_reduce:loss+nonfinite")
+        loss_mean, finite = agree(total, (~torch.isfinite(norm)).double())
+    else:
+        loss_mean = answer()
+        finite = math.isfinite(loss_mean) and math.isfinite(float(norm))
     clock.mark("comm_s")
     apply = owner.step_gate.allow(loss_mean, finite)
     owner.hook_phase("optimizer_step")
@@ -180,6 +175,35 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
     overflow = bool(getattr(optimizer, "overflow", False))
     grad_norm = float(norm) if max_norm is not None else math.nan
     return MicroStepResult(loss_mean, apply and not overflow, finite and not overflow, grad_norm)
+
+
+def _forward_backward(owner: Engine, ds_engine, micro_batches: List[Any], loss_fn: Callable[[Any], Any],
+                      device: torch.device, agree_early: Optional[AgreeEarly],
+                      metrics_into: Optional[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
+    """Forward and backward of every micro-batch through DeepSpeed. Returns the local loss sum
+    (on the device) and, with ``agree_early``, the pending loss agreement it issued once the last
+    micro-batch's loss was known (else None)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    answer = None
+    n = len(micro_batches)
+    for i, mb in enumerate(micro_batches):
+        last = i == n - 1
+        loss = loss_fn(mb)
+        if isinstance(loss, tuple):
+            loss, metrics = loss
+            if metrics_into is not None:
+                accumulate(metrics_into, metrics, device)
+        loss = owner.hook_before_backward(loss, last)
+        total += loss.detach().double()
+        if last and agree_early is not None:
+            owner.hook_phase("all_reduce:loss+nonfinite")
+            answer = agree_early(total)
+        owner.hook_phase("backward")
+        ds_engine.backward(loss)
+        owner.hook_after_backward(last)
+        if not last:
+            ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+    return total, answer
 
 
 def _params_with_grads(module: nn.Module) -> List[nn.Parameter]:

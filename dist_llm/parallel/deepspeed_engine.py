@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -114,9 +114,12 @@ class DeepSpeedEngine(Engine):
         sums: Dict[str, torch.Tensor] = {}  # the task's metrics: reduced in the step's one all-reduce
         reduced: Dict[str, float] = {}
         clock = self.phase_clock()
+        # ZeRO-0 (owned clipping): the gradients are global after backward, so the loss all-reduce
+        # can run during the last backward; other stages agree on loss and finiteness after it
+        early = (lambda s: self._agree_later(s, sums, reduced)) if self.max_norm is not None else None
         res = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
                                   lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
-                                  metrics_into=sums, clock=clock)
+                                  agree_early=early, metrics_into=sums, clock=clock)
         return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.engine, res.grad_norm), applied=res.applied,
                          finite=res.finite, metrics=reduced, timings=clock.times)
 
@@ -127,11 +130,25 @@ class DeepSpeedEngine(Engine):
         task), written into ``reduced``; one host read of the result."""
         names = sorted(sums)
         packed = torch.cat([torch.stack([loss_sum, nonfinite]), *(sums[k].reshape(2) for k in names)])
-        self.layout.all_reduce_sum(packed)
-        values = packed.tolist()
+        values = self.layout.all_reduce_sum(packed).tolist()
         reduced.update(reduce_metrics({k: values[2 + 2 * i: 4 + 2 * i] for i, k in enumerate(names)}))
         loss = values[0] / (self.grad_accum * self.layout.dp)
         return loss, math.isfinite(loss) and values[1] == 0.0
+
+    def _agree_later(self, loss_sum: torch.Tensor, sums: Dict[str, torch.Tensor],
+                     reduced: Dict[str, float]) -> Callable[[], float]:
+        """The loss and the task's metric sums in one all-reduce issued now (before the last
+        backward, while it runs); the returned function waits, fills ``reduced`` and gives the
+        global mean loss."""
+        names = sorted(sums)
+        pending = self.layout.all_reduce_sum_later(torch.cat([loss_sum.reshape(1), *(sums[k].reshape(2) for k in names)]))
+
+        def answer() -> float:
+            values = pending().tolist()
+            reduced.update(reduce_metrics({k: values[1 + 2 * i: 3 + 2 * i] for i, k in enumerate(names)}))
+            return values[0] / (self.grad_accum * self.layout.dp)
+
+        return answer
 
     def _batch_size(self, mb: Any) -> int:
         return int(mb.shape[0]) if isinstance(mb, torch.Tensor) else self.task.batch_size(mb)

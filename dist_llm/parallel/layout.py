@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,10 @@ class ParallelLayout:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(t, dist.ReduceOp.SUM, self.dp_group)
 
+    def all_reduce_sum_later(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """:meth:`all_reduce_sum` (over the data-parallel group) without waiting."""
+        return self.all_reduce_later(t, dist.ReduceOp.SUM, self.dp_group)
+
     def all_reduce_world_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(t, dist.ReduceOp.SUM)
 
@@ -120,6 +124,26 @@ class ParallelLayout:
         if self.world_size == 1:
             return bool(flag)
         return self.all_reduce_scalar(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+
+    def all_reduce_later(self, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> Callable[[], torch.Tensor]:
+        """:meth:`all_reduce` without waiting: issued now, it runs while the caller works; the
+        returned function waits for it and gives ``t`` reduced (call it exactly once, on every
+        rank, before the process group is torn down)."""
+        if self.world_size == 1:
+            return lambda: t
+        work = dist.all_reduce(self.check_device(t, "all_reduce"), op=op, group=group, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return t
+
+        return wait
+
+    def agree_later(self, flag: bool) -> Callable[[], bool]:
+        """:meth:`agree` without waiting (see :meth:`all_reduce_later`)."""
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
+        reduced = self.all_reduce_later(t, dist.ReduceOp.MAX)
+        return lambda: float(reduced().item()) > 0
 
     def all_gather(self, parts: list, t: torch.Tensor, group=None) -> list:
         if self.world_size > 1:

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 log = logging.getLogger("dist_llm.train")
 
@@ -61,9 +61,20 @@ class PreemptionFlag:
 
     def agreed(self, layout) -> bool:
         """True on every rank when any rank got a signal or saw the request file (one tiny
-        all-reduce per step, on the layout's device)."""
-        if not layout.agree(self.requested()):
-            return False
-        if self.request_file is not None:
+        all-reduce, on the layout's device)."""
+        return self._consumed(layout.agree(self.requested()))
+
+    def ask(self, layout) -> Callable[[], bool]:
+        """:meth:`agreed` in two halves: this rank's view is sampled and its all-reduce issued
+        now; the returned function waits and answers. The trainer asks at the top of a step and
+        reads the answer at the top of the next, so the tiny all-reduce runs during the step
+        instead of stalling every step (with several ranks a request is acted on one step later)."""
+        if layout.world_size == 1:  # nothing to agree with: read this rank's view when answering
+            return lambda: self._consumed(self.requested())
+        answer = layout.agree_later(self.requested())
+        return lambda: self._consumed(answer())
+
+    def _consumed(self, agreed: bool) -> bool:
+        if agreed and self.request_file is not None:
             self.request_file.unlink(missing_ok=True)  # consumed: a requeued job must not stop at once
-        return True
+        return agreed

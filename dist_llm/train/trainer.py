@@ -140,11 +140,13 @@ class Trainer:
             if tr.eval_every and self.val_loader is not None and self.state.step == 0:
                 self.evaluate()
             timer = StepTimer()
+            preempt_answer = self.preempt.ask(self.layout)
             while self.state.step < tr.max_steps:
                 for h in self.step_hooks:
                     h.phase("all_reduce:preemption flag")
-                if self.preempt.agreed(self.layout):
+                if preempt_answer():  # asked one step ago: its all-reduce ran during that step
                     self._on_preempt()
+                preempt_answer = self.preempt.ask(self.layout)
                 self.last_lr = lr_at(self.state.step, cfg.optim, tr.max_steps)
                 for cb in self.callbacks:
                     cb.on_step_begin(self)
@@ -168,6 +170,7 @@ class Trainer:
                     cb.on_step_end(self, stats, elapsed)
                 if tr.eval_every and self.val_loader is not None and self.state.step % tr.eval_every == 0:
                     self.evaluate()
+            preempt_answer()  # the last question's all-reduce is waited for (the run is done: no requeue)
             if self.val_loader is not None and tr.eval_every and self.state.step % tr.eval_every:
                 self.evaluate()
             if tr.checkpoint.save_at_end:
