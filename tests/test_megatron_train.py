@@ -112,7 +112,13 @@ def test_full_weights_gathered_from_tp2_pp2_equal_one_device(runs):
     """model.safetensors (plain names, gathered over TP and PP) matches the one-rank run's."""
     diff = _max_weight_diff(runs.ckpt("tp2pp2", 15), runs.ckpt("base", 15))
     print(f"gpt2 tp2 x pp2 vs tp1 weights after 15 steps: max abs difference {diff:.2e}")
-    assert diff < 1e-5
+    # The two runs clip with norms computed differently (DeepSpeed ZeRO-1's fp32 flat-buffer norm
+    # vs DPShardedAdamW's float64 sum; the logged norms agree within 1e-4 relative, asserted in
+    # test_layout_losses_equal_one_device), and Adam turns a last-digit difference in a gradient
+    # into an update difference of up to ~lr (3e-3 here) on near-zero moments: measured 1.4e-5
+    # with deepspeed 0.19.8 / megatron-core 0.16.1. 5e-5 stays ~900x below 15 steps of lr-sized
+    # updates, so a wrong shard or a missed gather (differences of order 1e-2) still fails.
+    assert diff < 5e-5
 
 
 def test_llama_tp2_pp2_equals_one_device(runs):

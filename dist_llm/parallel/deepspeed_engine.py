@@ -108,6 +108,17 @@ class DeepSpeedEngine(Engine):
             return self.engine(batch[:, :-1], batch[:, 1:])
         return self.task.loss(self.engine, batch)
 
+    def _reduce_metrics(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Sum the task's (sum, count) pairs over ranks in one all-reduce (sorted names: every
+        rank runs the same task, so every rank holds the same names). Evaluation's; a training
+        step packs them into its loss agreement."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])
+        self.layout.all_reduce_sum(stacked)
+        return reduce_metrics(dict(zip(names, stacked)))
+
     def train_step(self, micro_batches: List[Any], lr: float) -> StepStats:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects {self.grad_accum}")

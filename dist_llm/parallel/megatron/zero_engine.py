@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, owns_clipping, param_groups,
+from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
                                                 skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import StepStats, accumulate, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
@@ -37,12 +37,10 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         module = self.chunks[0]
         if cfg.parallel.sp and layout.tp > 1:
             self._allreduce_sp_grads_over_tp(module)
-        # ZeRO-0 fp32 at tp = 1: the step computes the norm and clips (tp > 1: DeepSpeed's TP-aware norm)
-        self.max_norm = cfg.optim.grad_clip if owns_clipping(cfg, layout.tp) else None
+        # DeepSpeed clips here (its norm is TP-aware); only the plain DeepSpeed engine owns clipping
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, layout.dp, own_clipping=self.max_norm is not None), mpu=layout.mpu(),
-            dist_init_required=False)
+            config=deepspeed_config(cfg, layout.dp), mpu=layout.mpu(), dist_init_required=False)
         skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
 
@@ -67,8 +65,8 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         sums: Dict[str, torch.Tensor] = {}
         res = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
                                   lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
-                                  lambda s, bad: self._agree(s, bad, len(micro_batches)), max_norm=self.max_norm,
-                                  metrics_into=sums, clock=clock)
+                                  lambda s, bad: self._agree(s, bad, len(micro_batches)), metrics_into=sums,
+                                  clock=clock)
         return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.ds, res.grad_norm), applied=res.applied,
                          finite=res.finite, metrics=self._reduce_metrics(sums), timings=clock.times)
 
