@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
+from dist_llm.config.choices import EncoderArch
+from dist_llm.config.schema import EncoderConfig, ModelConfig
 from dist_llm.models.bert import Bert
 from dist_llm.models.flops import flops_per_token
 from dist_llm.models.generate import GenerationResult, SamplingParams, generate, generate_batch
