@@ -13,28 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from dist_llm.config.choices import (
-    BadSamples,
-    Backend,
-    CrashPoint,
-    Decay,
-    Device,
-    EmbeddedData,
-    EncoderArch,
-    EngineKind,
-    LauncherKind,
-    LogBackend,
-    LogMode,
-    NanTarget,
-    NumericsPolicy,
-    OptimizerName,
-    Precision,
-    Preset,
-    ProgressBar,
-    TaskKind,
-    TeacherDtype,
-    WindowOffsets,
-)
+from dist_llm.config.choices import (BadSamples, Backend, CrashPoint, Decay, Device, EmbeddedData, EncoderArch,
+                                     EngineKind, LauncherKind, LogBackend, LogMode, NanTarget, NumericsPolicy,
+                                     OptimizerName, Precision, Preset, ProgressBar, TaskKind, TeacherDtype,
+                                     WindowOffsets)
 
 
 @dataclass
