@@ -9,7 +9,7 @@ import dataclasses
 import os
 from typing import Any, List, Mapping, Optional, Tuple
 
-from dist_llm.config.plan import RunPlan, make_plan
+from dist_llm.config.plan import RunPlan, grad_accum_steps, make_plan
 from dist_llm.config.choices import Choice
 from dist_llm.config.schema import JobConfig
 
@@ -55,7 +55,8 @@ def _megatron_problems(cfg: JobConfig, dp: int) -> List[str]:
     if par.vpp > 1 and par.pp < 2:
         p.append(f"parallel.vpp={par.vpp} needs parallel.pp >= 2: virtual stages interleave a pipeline")
     mb = tr.micro_batch_size * max(dp, 1)
-    n_micro = tr.global_batch_size // mb if mb and tr.global_batch_size % mb == 0 else None
+    n_micro = grad_accum_steps(tr.global_batch_size, tr.micro_batch_size, max(dp, 1)) \
+        if mb and tr.global_batch_size % mb == 0 else None
     if par.vpp > 1 and par.pp > 1 and n_micro is not None and (n_micro < par.pp or n_micro % par.pp):
         p.append(f"the interleaved schedule (parallel.vpp={par.vpp}) needs the micro-batches per step, "
                  f"global_batch_size/(micro_batch_size*dp) = {n_micro}, to be a multiple of parallel.pp={par.pp}: "
