@@ -358,7 +358,7 @@ def _launcher_problems(cfg: JobConfig, world: int) -> List[str]:
         p.append(f"debug.fault_rank={dbg.fault_rank} is not a rank of this job (world size {world}; -1 = all)")
     if dbg.sleep_at_step >= 0 and dbg.sleep_s <= 0:
         p.append(f"debug.sleep_at_step={dbg.sleep_at_step} needs debug.sleep_s > 0")
-    uses_pipeline = str(getattr(cfg.parallel.engine, "value", cfg.parallel.engine)) == "megatron" and cfg.parallel.pp > 1
+    uses_pipeline = cfg.parallel.engine == "megatron" and cfg.parallel.pp > 1
     if uses_pipeline and max(dbg.nan_at_step, dbg.spike_at_step) >= 0:
         # the pipeline schedule runs backward inside Megatron, past the loss hook these inject at
         p.append("debug.nan_at_step/debug.spike_at_step are not injected by the pipeline engine (parallel.pp > 1): "

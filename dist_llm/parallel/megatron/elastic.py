@@ -100,8 +100,8 @@ class ShardedReader:
                 dests[key] = ((0,) * len(shape), torch.empty(shape, dtype=torch.float32))
             else:
                 dests[key] = ((layer,) + (0,) * (len(shape) - 1), torch.empty((1, *shape[1:]), dtype=torch.float32))
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # it is a single-process load, as the warning assumes
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load({k: t for k, (_, t) in dests.items()}, storage_reader=self.storage,
                      planner=_BoxPlanner(dests), no_dist=True)
         return {n: dests[key][1][0] if layer is not None else dests[key][1] for n, (key, layer) in boxes.items()}
