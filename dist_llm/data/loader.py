@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dist_llm.data.lanes import Decode, LaneDataset, LaneStream, check_format, load_source
+from dist_llm.data.lanes import Decode, LaneDataset, LaneStream, Source, check_format, load_source
 from dist_llm.data.shard_scan import read_checked_records, read_shard
 from dist_llm.data.shards import FORMAT, check_checksums, manifest_where
 from dist_llm.data.sources import FetchOptions, location, read_split_manifest, remote_bytes
@@ -24,6 +24,42 @@ from dist_llm.data.windows import FIXED, PER_EPOCH
 __all__ = ["TrainLoader", "ValLoader"]
 
 STATE_FORMAT = "dist-llm-loader/1"
+
+
+def _check_batch_layout(seq_len: int, lanes: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                        grad_accum: int, num_workers: int) -> int:
+    """The global batch ``micro * accum * dp``, after checking that every rank (and every worker)
+    owns whole lanes and every lane gives the same number of samples per step."""
+    for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
+                    ("grad_accum", grad_accum), ("seq_len", seq_len)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+    G = micro_batch_size * grad_accum * dp_size
+    if lanes % dp_size:
+        raise ValueError(f"data.lanes={lanes} is not divisible by the data-parallel size {dp_size}: "
+                         f"every rank must own whole lanes; set data.lanes to a multiple of {dp_size}")
+    if G % lanes:
+        raise ValueError(f"global batch {G} (micro {micro_batch_size} x accum {grad_accum} x dp {dp_size}) "
+                         f"is not divisible by data.lanes={lanes}; make train.global_batch_size a multiple "
+                         f"of data.lanes or change data.lanes")
+    if num_workers and lanes % (dp_size * num_workers):
+        raise ValueError(f"data.lanes={lanes} is not divisible by dp_size*num_workers={dp_size}*{num_workers}: "
+                         f"every worker must own whole lanes; change data.num_workers or data.lanes")
+    return G
+
+
+def _check_sources_agree(srcs: List[Source]) -> None:
+    """Blended sources must share a tokenizer (and classes, for labelled data)."""
+    for s in srcs[1:]:
+        for key in ("dtype", "vocab_size", "classes", "special_ids"):
+            if s.manifest.get(key) != srcs[0].manifest.get(key):
+                raise ValueError(f"training sources disagree on {key}: {srcs[0].path} has "
+                                 f"{srcs[0].manifest.get(key)!r}, {s.path} has {s.manifest.get(key)!r}; "
+                                 f"blend only datasets prepared with the same tokenizer")
 
 
 class TrainLoader:
@@ -58,34 +94,11 @@ class TrainLoader:
         ``window_offsets``: per_epoch | fixed, see :mod:`dist_llm.data.windows` (causal data only)."""
         if not sources:
             raise ValueError("no training sources: set data.train to at least one shard directory")
-        for name, v in (("data.lanes", lanes), ("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
-                        ("grad_accum", grad_accum), ("seq_len", seq_len)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        G = micro_batch_size * grad_accum * dp_size
-        if lanes % dp_size:
-            raise ValueError(f"data.lanes={lanes} is not divisible by the data-parallel size {dp_size}: "
-                             f"every rank must own whole lanes; set data.lanes to a multiple of {dp_size}")
-        if G % lanes:
-            raise ValueError(f"global batch {G} (micro {micro_batch_size} x accum {grad_accum} x dp {dp_size}) "
-                             f"is not divisible by data.lanes={lanes}; make train.global_batch_size a multiple "
-                             f"of data.lanes or change data.lanes")
-        if num_workers and lanes % (dp_size * num_workers):
-            raise ValueError(f"data.lanes={lanes} is not divisible by dp_size*num_workers={dp_size}*{num_workers}: "
-                             f"every worker must own whole lanes; change data.num_workers or data.lanes")
+        G = _check_batch_layout(seq_len, lanes, dp_rank, dp_size, micro_batch_size, grad_accum, num_workers)
         if fmt != FORMAT and decode is None:
             raise ValueError(f"shard format {fmt!r} needs a decode function (the task's decode_batch)")
         srcs = [load_source(str(p), float(w), seq_len, require_checksums, fmt, fetch) for p, w in sources]
-        for s in srcs[1:]:
-            for key in ("dtype", "vocab_size", "classes", "special_ids"):
-                if s.manifest.get(key) != srcs[0].manifest.get(key):
-                    raise ValueError(f"training sources disagree on {key}: {srcs[0].path} has "
-                                     f"{srcs[0].manifest.get(key)!r}, {s.path} has {s.manifest.get(key)!r}; "
-                                     f"blend only datasets prepared with the same tokenizer")
+        _check_sources_agree(srcs)
         self.seq_len, self.lanes, self.dp_rank, self.dp_size = seq_len, lanes, dp_rank, dp_size
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
         self.num_workers, self.global_batch_size = num_workers, G
