@@ -37,6 +37,11 @@ class Preset(Choice):
     vit = "vit"  # pre-norm image encoder with a class-token classifier
 
 
+# The causal LMs (dist_llm.models.gpt.GPT) and the encoders (dist_llm.models.build_encoder).
+DECODER_PRESETS = (Preset.gpt2, Preset.llama)
+ENCODER_PRESETS = (Preset.bert, Preset.vit)
+
+
 class EmbeddedData(Choice):
     stdlib = "stdlib"
     stdlib_bert = "stdlib_bert"

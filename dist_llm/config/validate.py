@@ -10,7 +10,7 @@ import os
 from typing import Any, List, Mapping, Optional, Tuple
 
 from dist_llm.config.plan import RunPlan, grad_accum_steps, make_plan
-from dist_llm.config.choices import Choice
+from dist_llm.config.choices import DECODER_PRESETS, Choice
 from dist_llm.config.schema import JobConfig
 
 
@@ -184,7 +184,7 @@ def _finetune_problems(cfg: JobConfig) -> List[str]:
 
 def _distill_problems(cfg: JobConfig) -> List[str]:
     d, p = cfg.task.distill, []
-    if str(cfg.model.preset) not in ("gpt2", "llama"):
+    if str(cfg.model.preset) not in DECODER_PRESETS:
         p.append(f"task=distill trains a causal LM student (model.preset gpt2|llama), got {cfg.model.preset}")
     if not d.teacher:
         p.append("task=distill needs task.distill.teacher=<our checkpoint/run dir or a Hugging Face directory>")

@@ -30,13 +30,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
+from dist_llm.config.choices import DECODER_PRESETS
 from dist_llm.config.schema import ModelConfig
 from dist_llm.parallel.elastic_state import STATES, PlainOptimizerState, register_reader
 from dist_llm.parallel.megatron import model as mm
 from dist_llm.parallel.megatron.checkpoint import FORMAT, read_meta
 
 ENGINE_NAME = "MegatronEngine"  # MegatronEngineBase.checkpoint_name
-GPT_PRESETS = ("gpt2", "llama")  # the presets whose names this module maps (BERT: not yet)
+GPT_PRESETS = DECODER_PRESETS  # the presets whose names this module maps (BERT: not yet)
 LAYERS = "decoder.layers."
 # Megatron-full (local spec) name part -> the name dist_checkpointing stores (TE's fused norms)
 _STORED = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
