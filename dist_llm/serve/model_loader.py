@@ -175,7 +175,7 @@ def _pick_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("serve.device=cuda but no CUDA device is visible; use serve.device=cpu")
-    return torch.device(name)
+    return torch.device(str(name))
 
 
 def load_checkpoint(path: Path, cfg: ServeConfig) -> LoadedModel:
