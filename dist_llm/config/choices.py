@@ -42,6 +42,17 @@ DECODER_PRESETS = (Preset.gpt2, Preset.llama)
 ENCODER_PRESETS = (Preset.bert, Preset.vit)
 
 
+class ServeLogLevel(Choice):
+    """uvicorn's log levels (``serve.log_level``)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
+
+
 class EmbeddedData(Choice):
     stdlib = "stdlib"
     stdlib_bert = "stdlib_bert"

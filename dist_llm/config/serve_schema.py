@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Optional
 
-from dist_llm.config.choices import Device
+from dist_llm.config.choices import Device, ServeLogLevel
 
 
 class ServeBackend(str, enum.Enum):
@@ -39,7 +39,7 @@ class ServeConfig:
     ray_replicas: int = 1
     ray_cpus_per_replica: float = 1.0
     ray_gpus_per_replica: float = 0.0
-    log_level: str = "info"
+    log_level: ServeLogLevel = ServeLogLevel.info
 
 
 def validate_serve_config(cfg: ServeConfig) -> None:
@@ -66,5 +66,5 @@ def validate_serve_config(cfg: ServeConfig) -> None:
         bad("request_timeout_s", "must be > 0 seconds")
     if cfg.ray_cpus_per_replica < 0 or cfg.ray_gpus_per_replica < 0:
         bad("ray_cpus_per_replica", "ray_cpus_per_replica and ray_gpus_per_replica must be >= 0")
-    if cfg.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-        bad("log_level", "use one of critical, error, warning, info, debug, trace")
+    if cfg.log_level not in ServeLogLevel.values():
+        bad("log_level", f"use one of {', '.join(ServeLogLevel.values())}")
