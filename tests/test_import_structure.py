@@ -163,3 +163,40 @@ def test_config_imports_only_config() -> None:
     bad = [f"{m} (line {line}) imports {n}" for m, names in imports.items() if m.split(".")[:2] == [PKG, "config"]
            for n, line in names if not (n == f"{PKG}.config" or n.startswith(f"{PKG}.config."))]
     assert not bad, "dist_llm/config imports nothing of ours but itself:\n  " + "\n  ".join(bad)
+
+
+# The layers of docs/architecture.md, top to bottom: a package imports only from layers below its
+# own (and from itself). A new package goes into this list and into that page's map.
+LAYERS: List[Set[str]] = [
+    {"cli"},
+    {"serve", "compress", "submit"},
+    {"evaluation"},
+    {"train"},
+    {"checkpoint", "prepare"},
+    {"parallel"},
+    {"interop"},
+    {"models", "data", "launch", "observability", "planner"},
+    {"config"},
+    {"fileio"},
+]
+
+
+def _layer(module: str) -> Optional[int]:
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None  # the dist_llm package itself
+    return next((i for i, names in enumerate(LAYERS) if parts[1] in names), -1)
+
+
+def test_every_package_has_a_layer() -> None:
+    edges, _ = _graph()
+    missing = sorted({m.split(".")[1] for m in edges if _layer(m) == -1})
+    assert not missing, f"packages not in LAYERS (and docs/architecture.md): {missing}"
+
+
+def test_packages_import_only_lower_layers() -> None:
+    edges, _ = _graph()
+    bad = [f"{m} imports {t}" for m in sorted(edges) for t in sorted(edges[m])
+           if _layer(m) is not None and _layer(t) is not None and m.split(".")[1] != t.split(".")[1]
+           and _layer(t) <= _layer(m)]
+    assert not bad, "imports that go up or sideways in docs/architecture.md's layers:\n  " + "\n  ".join(bad)

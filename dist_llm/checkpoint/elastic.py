@@ -75,7 +75,7 @@ def plan_load(path: Path, manifest: Dict[str, Any], layout, engine,
         mode = "sharded"
     elif same_layout and same_engine and not has_elastic(manifest):
         mode = "rank"
-    elif getattr(engine, "elastic", False) and saver in READERS and (has_elastic(manifest) or has_sharded):
+    elif engine.elastic and saver in READERS and (has_elastic(manifest) or has_sharded):
         mode = "elastic"
     elif same_layout and not same_engine:
         mode = "weights"  # an engine that takes no layout-neutral state: weights only, fresh optimizer
@@ -93,7 +93,7 @@ def plan_load(path: Path, manifest: Dict[str, Any], layout, engine,
 
 
 def _why_not(saver: str, engine) -> str:
-    if not getattr(engine, "elastic", False):
+    if not engine.elastic:
         return (f"{engine.checkpoint_name} resumes only its own checkpoints at their layout (or, if it "
                 f"reshards, its sharded/ copy); use an elastic engine (parallel.engine=deepspeed) or the layout "
                 f"and engine the checkpoint was saved with")

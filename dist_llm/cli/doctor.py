@@ -73,7 +73,7 @@ def main(args: List[str]) -> int:
         if is_printer:
             print_table(rows)
         return 2
-    kind = str(getattr(cfg.launcher.kind, "value", cfg.launcher.kind))
+    kind = cfg.launcher.kind
     if kind == "ray" and not rank_env:
         print_table(rows + [("ranks", True, "skipped for launcher=ray: submit the job to check the ranks")])
         return 0 if all(r[1] for r in rows) else 1

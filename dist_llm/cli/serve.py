@@ -11,6 +11,7 @@ import dataclasses
 import sys
 from typing import List, Optional
 
+from dist_llm.config.choices import Device
 from dist_llm.config.serve_schema import ServeBackend, ServeConfig, validate_serve_config
 
 # flag -> ServeConfig field (argparse dest is the field name)
@@ -19,7 +20,7 @@ _FLAGS = [
     ("--port", int, "TCP port (default 8000)"),
     ("--model-name", str, "the model id clients pass (default: the directory's name)"),
     ("--tokenizer-dir", str, "dataset dir with train/manifest.json, when the run's data has moved"),
-    ("--device", str, "auto | cpu | cuda"),
+    ("--device", str, " | ".join(Device.values())),
     ("--max-batch-size", int, "requests generated together (default 8)"),
     ("--batch-timeout-ms", float, "how long a batch waits to fill (default 10)"),
     ("--max-queue", int, "waiting requests beyond this get 503 (default 64)"),

@@ -37,16 +37,16 @@ def _train_task(dcfg) -> None:
     _exit_code = launch(cfg, plan) or _exit_code
 
 
-def launch(cfg, plan=None) -> int:
+def launch(cfg, plan) -> int:
+    """Start the job ``plan`` (validate's result for this config) describes."""
     # The local launcher runs ranks as child processes even for nproc=1: a sweep then trains each
     # point in a fresh process (DeepSpeed keeps process-group state in module globals) and a
     # crashed rank cannot take the launcher down with it.
     if cfg.launcher.kind == "local" and "RANK" not in os.environ:
-        from dist_llm.config.plan import run_dir_for
         from dist_llm.launch.local import spawn_local
         from dist_llm.observability.redact import save_config_redacted
 
-        run_dir = run_dir_for(cfg.output_dir, cfg.name, None)
+        run_dir = plan.run_dir  # the ranks inherit this environment, so they derive the same one
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "config.yaml"
         save_config_redacted(cfg, path)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from dist_llm.config.schema import Choice
+from dist_llm.config.choices import Choice
 
 
 class InputFormat(Choice):

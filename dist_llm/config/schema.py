@@ -5,145 +5,18 @@ ConfigStore by :mod:`dist_llm.config.store`), so a typo'd key or a value of the 
 rejected at composition time. The Hydra config is converted once with ``OmegaConf.to_object``
 into a :class:`JobConfig`; code below the CLI only ever sees these typed objects.
 
-This module imports nothing of ours (see shared/notes/architecture.md).
+Choices are the enums of :mod:`dist_llm.config.choices`. This module imports nothing of ours
+outside ``config/`` (see shared/notes/architecture.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import List, Optional
 
-
-class Choice(str, Enum):
-    """A config choice. Member names equal their values because OmegaConf parses an enum field
-    by member name: ``parallel.precision=bf16`` then works in YAML and on the command line, a bad
-    value is rejected while composing with the allowed names listed, and ``x == "bf16"`` as well as
-    ``f"{x}"`` behave like the plain string."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-    __hash__ = str.__hash__  # {"fp32": ...}[choice] finds the plain-string key
-
-    @classmethod
-    def values(cls) -> tuple:
-        return tuple(m.value for m in cls)
-
-
-class Preset(Choice):
-    gpt2 = "gpt2"  # LayerNorm, learned positions, GELU
-    llama = "llama"  # RMSNorm, RoPE, SwiGLU
-    bert = "bert"  # bidirectional post-LN encoder, MLM + NSP heads (EncoderConfig via encoder_config)
-    vit = "vit"  # pre-norm image encoder with a class-token classifier
-
-
-class EmbeddedData(Choice):
-    stdlib = "stdlib"
-    stdlib_bert = "stdlib_bert"
-    digits = "digits"
-
-
-class WindowOffsets(Choice):
-    """Where causal token windows are cut each epoch (``data.window_offsets``, dist_llm/data/windows.py)."""
-
-    per_epoch = "per_epoch"  # epoch e shifts every window by an offset from (seed, e, source)
-    fixed = "fixed"  # every epoch reads the windows exactly as `dist-llm prepare` stored them
-
-
-class TaskKind(Choice):
-    """The training objective (``task`` config group, dist_llm/train/tasks/)."""
-
-    pretrain = "pretrain"  # causal LM on token windows (today's behaviour)
-    mlm_nsp = "mlm_nsp"  # BERT masked LM + next-sentence prediction on pack=bert shards
-    classify = "classify"  # a label per sample (images from pack=image shards)
-    sft = "sft"  # prompt/response pairs, loss on response tokens only
-    distill = "distill"  # student trained on a teacher's outputs
-
-
-class EngineKind(Choice):
-    deepspeed = "deepspeed"
-    megatron = "megatron"
-
-
-class Precision(Choice):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Backend(Choice):
-    auto = "auto"  # nccl on GPU, gloo on CPU
-    gloo = "gloo"
-    nccl = "nccl"
-
-
-class Device(Choice):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class OptimizerName(Choice):
-    adamw = "adamw"
-
-
-class Decay(Choice):
-    cosine = "cosine"
-    linear = "linear"
-    constant = "constant"
-
-
-class ProgressBar(Choice):
-    auto = "auto"  # on a tty only
-    on = "on"
-    off = "off"
-
-
-class LogBackend(Choice):
-    wandb = "wandb"
-    console = "console"
-    none = "none"
-
-
-class LogMode(Choice):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-class LauncherKind(Choice):
-    local = "local"  # mock cluster: launcher.nproc ranks as local processes
-    torchrun = "torchrun"
-    slurm = "slurm"
-    ray = "ray"
-    none = "none"  # already a rank
-
-
-class CrashPoint(Choice):
-    """Where fault injection (debug group) kills a rank."""
-
-    after_step = "after_step"  # os._exit right after the optimizer step
-    after_rank_files = "after_rank_files"  # SIGKILL in a save, after this rank wrote its files
-    after_all_files = "after_all_files"  # in a save, after the barrier: every rank's files are written
-    after_manifest = "after_manifest"  # rank 0's manifest written, directory not yet renamed
-    before_latest = "before_latest"  # step-N renamed, latest not yet repointed
-
-
-# What a step whose update was withheld (non-finite loss/grads, loss spike) does to the run:
-# raise = stop with an error (parameters stay those of the previous step, nothing is saved);
-# skip = drop that step's update on every rank, count it (train state, checkpoint), go on.
-# (Functional form: `raise` is a keyword, and OmegaConf parses enum fields by member name.)
-NumericsPolicy = Choice("NumericsPolicy", {"raise": "raise", "skip": "skip"})
-
-
-class NanTarget(Choice):
-    """Where fault injection (debug.nan_at_step) puts the non-finite value."""
-
-    loss = "loss"  # the loss of the step's last micro-batch on the fault rank
-    grad = "grad"  # one parameter's gradient on the fault rank (loss stays finite)
+from dist_llm.config.choices import (BadSamples, Backend, CrashPoint, Decay, Device, EmbeddedData, EncoderArch,
+                                     EngineKind, LauncherKind, LogBackend, LogMode, NanTarget, NumericsPolicy,
+                                     OptimizerName, Precision, Preset, ProgressBar, TaskKind, TeacherDtype,
+                                     WindowOffsets)
 
 
 @dataclass
@@ -217,7 +90,7 @@ class DataConfig:
     # A sample that does not match its manifest (missing member, wrong shape, duplicated key,
     # truncated shard): raise (stop, naming shard and key) | skip (count it, use the shard's
     # next good sample; abort when the bad share of samples read exceeds max_bad_fraction).
-    bad_samples: str = "raise"
+    bad_samples: BadSamples = BadSamples['raise']
     max_bad_fraction: float = 0.01
     # Sources named by URL instead of a directory (train[*].path, val): file:///dir,
     # http(s)://host/dir or pipe:<command printing {name}> (docs/data-sources.md). Verified
@@ -442,7 +315,7 @@ class DistillTaskConfig:
     teacher: Optional[str] = None  # our checkpoint/run/best dir or a Hugging Face directory (model.init_from rules)
     temperature: float = 2.0  # softens both distributions; the KL term is scaled by T^2
     alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * next-token CE
-    teacher_dtype: str = "auto"  # auto = bf16 where the device supports it (CUDA), else fp32; or fp32 | bf16
+    teacher_dtype: TeacherDtype = TeacherDtype.auto  # auto = bf16 where the device supports it (CUDA), else fp32
 
 
 @dataclass
@@ -478,12 +351,7 @@ class JobConfig:
 
 
 
-# --- Encoders (BERT, ViT); the lead hooks EncoderConfig into ModelConfig/JobConfig ---------------
-class EncoderArch(Choice):
-    """Which encoder :func:`dist_llm.models.build_encoder` builds."""
-
-    bert = "bert"  # post-LN text encoder, MLM + NSP heads (HF BertForPreTraining numerics)
-    vit = "vit"  # pre-norm image encoder, class-token classifier (HF ViTForImageClassification)
+# --- Encoders (BERT, ViT): built from ModelConfig by dist_llm.models.encoder_config ---------------
 
 
 @dataclass

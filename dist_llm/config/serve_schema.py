@@ -2,13 +2,15 @@
 
 The CLI fills it from flags (``--port 8001``) and from ``serve.<field>=<value>`` overrides;
 :func:`validate_serve_config` checks it before any model is loaded or any port is bound.
-This module imports nothing of ours (see shared/notes/architecture.md).
+This module imports nothing of ours outside ``config/`` (see shared/notes/architecture.md).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 from typing import Optional
+
+from dist_llm.config.choices import Device, ServeLogLevel
 
 
 class ServeBackend(str, enum.Enum):
@@ -24,7 +26,7 @@ class ServeConfig:
     tokenizer_dir: Optional[str] = None  # dataset dir whose train/manifest.json names the tokenizer; None = from the run's config
     host: str = "127.0.0.1"  # localhost only by default; 0.0.0.0 exposes the API to the network
     port: int = 8000
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    device: Device = Device.auto  # auto = cuda when available
     max_batch_size: int = 8  # requests run together in one generate call
     batch_timeout_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # requests waiting beyond this get 503
@@ -37,7 +39,7 @@ class ServeConfig:
     ray_replicas: int = 1
     ray_cpus_per_replica: float = 1.0
     ray_gpus_per_replica: float = 0.0
-    log_level: str = "info"
+    log_level: ServeLogLevel = ServeLogLevel.info
 
 
 def validate_serve_config(cfg: ServeConfig) -> None:
@@ -49,8 +51,8 @@ def validate_serve_config(cfg: ServeConfig) -> None:
         bad("model_path", "give the checkpoint, run directory or export directory to serve")
     if not 0 <= cfg.port <= 65535:
         bad("port", "use a TCP port in 1..65535 (0 = any free port)")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        bad("device", "use auto, cpu or cuda")
+    if cfg.device not in Device.values():
+        bad("device", f"use {', '.join(Device.values())}")
     for name in ("max_batch_size", "max_queue", "max_tokens_limit", "default_max_tokens", "ray_replicas"):
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
@@ -64,5 +66,5 @@ def validate_serve_config(cfg: ServeConfig) -> None:
         bad("request_timeout_s", "must be > 0 seconds")
     if cfg.ray_cpus_per_replica < 0 or cfg.ray_gpus_per_replica < 0:
         bad("ray_cpus_per_replica", "ray_cpus_per_replica and ray_gpus_per_replica must be >= 0")
-    if cfg.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-        bad("log_level", "use one of critical, error, warning, info, debug, trace")
+    if cfg.log_level not in ServeLogLevel.values():
+        bad("log_level", f"use one of {', '.join(ServeLogLevel.values())}")

@@ -3,7 +3,8 @@
 Imports nothing from parallel/, train/, launch/ or prepare/ (the pipeline that writes the shards,
 including the embedded corpus, is :mod:`dist_llm.prepare`); ranks arrive as plain ints.
 """
-from dist_llm.data.loader import BlendSchedule, TrainLoader, ValLoader
+from dist_llm.data.lanes import BlendSchedule
+from dist_llm.data.loader import TrainLoader, ValLoader
 from dist_llm.data.shard_scan import read_shard
 from dist_llm.data.shards import (
     FORMAT,

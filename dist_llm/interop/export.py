@@ -12,18 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from dist_llm.config.choices import DECODER_PRESETS
 from dist_llm.config.schema import ModelConfig
 from dist_llm.interop import InteropError, adapter_for_preset
 from dist_llm.interop.init_from import load_source_weights, locate, source_tokenizer
 from dist_llm.models.gpt import resolve_model_config
 
 
-DECODERS = ("gpt2", "llama")
 
 
 def _resolved(cfg: ModelConfig) -> ModelConfig:
     """Derived fields filled in and validated: the decoder's resolver, the encoders' own checks."""
-    if str(cfg.preset) in DECODERS:
+    if str(cfg.preset) in DECODER_PRESETS:
         return resolve_model_config(cfg)
     from dist_llm.models import encoder_config
 
@@ -96,7 +96,7 @@ def export_hf(source: str, out_dir: str, tokenizer: Optional[str] = None, with_t
     specials = _special_ids(tok)
     hf_config = {**adapter.config_to_hf(cfg), **specials, "dtype": "float32"}
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    if str(cfg.preset) in DECODERS:  # encoders do not generate: no generation_config.json
+    if str(cfg.preset) in DECODER_PRESETS:  # encoders do not generate: no generation_config.json
         generation = {**specials, "transformers_version": hf_config.get("transformers_version")}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
     if tok is not None:

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from dist_llm.config.choices import DECODER_PRESETS
 from dist_llm.config.schema import ModelConfig
 from dist_llm.interop import InteropError, adapter_for_model_type
 
@@ -149,7 +150,7 @@ def load_source_weights(src: Source, cfg: ModelConfig) -> Dict[str, torch.Tensor
         raise InteropError(f"{weights} is missing: a checkpoint saved only in the sharded Megatron format "
                            f"cannot be used as model.init_from; use a checkpoint with full weights")
     sd = load_file(str(weights))
-    if (str(cfg.preset) in ("gpt2", "llama") and cfg.tie_embeddings is not False
+    if (str(cfg.preset) in DECODER_PRESETS and cfg.tie_embeddings is not False
             and "lm_head.weight" not in sd and "tok_emb.weight" in sd):
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     return sd

@@ -12,7 +12,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
+from dist_llm.config.choices import EncoderArch
+from dist_llm.config.schema import EncoderConfig, ModelConfig
 from dist_llm.interop._common_enc import (
     HFImportError, NameMap, fill_missing_heads, model_config_from_encoder, PathLike, export_state, import_state, layer_indices, load_into,
     read_hf_config, read_hf_weights, require, strip_prefix, write_hf_weights,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_llm.config.schema import EncoderArch, EncoderConfig, ModelConfig
+from dist_llm.config.choices import ENCODER_PRESETS, EncoderArch
+from dist_llm.config.schema import EncoderConfig, ModelConfig
 from dist_llm.models.bert import Bert
 from dist_llm.models.flops import flops_per_token
 from dist_llm.models.generate import GenerationResult, SamplingParams, generate, generate_batch
@@ -14,7 +15,7 @@ from dist_llm.models.kv_cache import KVCache
 
 def encoder_config(cfg: ModelConfig) -> EncoderConfig:
     """The one mapping from ``model.*`` (preset bert/vit) to the encoders' :class:`EncoderConfig`."""
-    if str(cfg.preset) not in ("bert", "vit"):
+    if str(cfg.preset) not in ENCODER_PRESETS:
         raise ValueError(f"model.preset={cfg.preset} is not an encoder (bert, vit)")
     pad = 0  # our tokenizers put <|pad|> at id 0 (char/bpe); byte-level BERT data is refused by the task
     return EncoderConfig(arch=EncoderArch(str(cfg.preset)), n_layers=cfg.n_layers, n_heads=cfg.n_heads,
@@ -28,7 +29,7 @@ def encoder_config(cfg: ModelConfig) -> EncoderConfig:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model for ``cfg``: a :class:`GPT` (gpt2/llama) or an encoder (bert/vit); the one place
     engines build from, so a new architecture only has to be wired in here."""
-    if str(cfg.preset) in ("bert", "vit"):
+    if str(cfg.preset) in ENCODER_PRESETS:
         return build_encoder(encoder_config(cfg))
     return GPT(cfg)
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_llm.config.schema import ModelConfig, Preset
+from dist_llm.config.choices import Preset
+from dist_llm.config.schema import ModelConfig
 from dist_llm.models.kv_cache import KVCache
 
 PRESETS = Preset.values()

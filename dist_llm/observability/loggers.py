@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from dist_llm.config.schema import LogBackend, LoggingConfig, LogMode
+from dist_llm.config.choices import LogBackend, LogMode
+from dist_llm.config.schema import LoggingConfig
 from dist_llm.observability.redact import REDACTED, is_secret_key, redact  # noqa: F401 - re-exported
 
 log = logging.getLogger("dist_llm.metrics")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from dist_llm.config.schema import ProgressBar
+from dist_llm.config.choices import ProgressBar
 
 PROGRESS_MODES = ProgressBar.values()
 

@@ -168,13 +168,6 @@ class ParallelLayout:
         dist.all_gather_object(out, obj, group=group)
         return out
 
-    def broadcast_object(self, obj, src: int = 0):
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, device=self.device)
-        return box[0]
-
 
 class CollectiveDeviceError(RuntimeError):
     """A tensor handed to a collective lives on another device than the rank's collectives."""

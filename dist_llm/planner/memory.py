@@ -32,6 +32,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from dist_llm.config.plan import grad_accum_steps
 from dist_llm.planner.params import ModelParams, count_params, resolved
 
 # DeepSpeed ZeRO defaults (deepspeed_config() sets none of them): elements, not bytes.
@@ -259,7 +260,7 @@ def estimate_layout(model_cfg, seq_len: int, global_batch: int, layout: Layout,
     """Peak memory of the busiest rank of ``layout`` (max over the first and last stage)."""
     mm = mm or MemoryModel()
     mp = count_params(model_cfg)
-    n_micro = max(1, global_batch // (layout.micro_batch_size * layout.dp))
+    n_micro = max(1, grad_accum_steps(global_batch, layout.micro_batch_size, layout.dp))
     best: Optional[MemoryEstimate] = None
     for stage in ("first", "last") if layout.pp > 1 else ("only",):
         first, last = stage in ("first", "only"), stage in ("last", "only")

@@ -11,13 +11,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-PRESETS = ("gpt2", "llama")
+from dist_llm.config.choices import DECODER_PRESETS
 
 
 def resolved(cfg):
     """The preset defaults filled in (same rules as ``models.gpt.resolve_model_config``)."""
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"model.preset={cfg.preset!r} is not a known preset; allowed: {', '.join(PRESETS)}")
+    if cfg.preset not in DECODER_PRESETS:
+        raise ValueError(f"model.preset={cfg.preset!r} is not a known preset; allowed: {', '.join(DECODER_PRESETS)}")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
     gpt2 = cfg.preset == "gpt2"

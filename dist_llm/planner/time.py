@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_llm.config.plan import grad_accum_steps
 from dist_llm.planner.memory import BYTES, Layout
 from dist_llm.planner.params import count_params, resolved
 
@@ -54,7 +55,7 @@ def step_time(model_cfg, seq_len: int, global_batch: int, layout: Layout, hw: Ha
     if layout.activation_checkpointing:  # the forward runs twice: 8/6 of the matmul work
         flops *= 8 / 6
     compute = flops / (layout.world * hw.peak_flops * hw.mfu)
-    n_micro = max(1, global_batch // (layout.micro_batch_size * layout.dp))
+    n_micro = max(1, grad_accum_steps(global_batch, layout.micro_batch_size, layout.dp))
     bubble = compute * (layout.pp - 1) / (layout.vpp * n_micro) if layout.pp > 1 else 0.0
     # rank order tp-dp-pp: tp innermost, then dp
     n_rank = mp.total / (layout.tp * layout.pp)

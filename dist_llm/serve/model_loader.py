@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from dist_llm.config.choices import DECODER_PRESETS
 from dist_llm.config.schema import ModelConfig
 from dist_llm.config.serve_schema import ServeConfig
 
@@ -114,7 +115,7 @@ def load_hf_export(path: Path, cfg: ServeConfig) -> LoadedModel:
     try:
         src = locate(str(path), what="serve model path")
         mcfg = src.model_cfg
-        if str(mcfg.preset) not in ("gpt2", "llama"):
+        if str(mcfg.preset) not in DECODER_PRESETS:
             raise ModelLoadError(f"serve: {path} is a {src.hf_model_type} model; only causal LMs (gpt2, llama) "
                                  f"generate text")
         tok_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else Path(path)
@@ -174,7 +175,7 @@ def _pick_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("serve.device=cuda but no CUDA device is visible; use serve.device=cpu")
-    return torch.device(name)
+    return torch.device(str(name))
 
 
 def load_checkpoint(path: Path, cfg: ServeConfig) -> LoadedModel:

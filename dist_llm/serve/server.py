@@ -15,7 +15,7 @@ def run_local(cfg: ServeConfig) -> int:
 
     from dist_llm.serve.app import create_app
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=str(cfg.log_level))
     return 0
 
 

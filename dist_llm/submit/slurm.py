@@ -29,7 +29,6 @@ import string
 import subprocess
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -256,24 +255,3 @@ def submit_slurm(cfg: JobConfig, overrides: Sequence[str], dry_run: bool = False
         raise
     print(f"submitted Slurm job {job_id}; run directory {run_dir}", file=stdout or sys.stderr)
     return job_id
-
-
-def wait_for_job(job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5,
-                 runner: Callable[..., "subprocess.CompletedProcess"] = subprocess.run) -> str:
-    """Poll ``scontrol show job`` until the job has ended; returns its final JobState.
-    (``sbatch --wait`` polls slowly; this is for tests and scripts.)"""
-    end = time.monotonic() + timeout_s
-    state = "UNKNOWN"
-    while time.monotonic() < end:
-        state = job_state(job_id, runner=runner)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                     "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
-            return state
-        time.sleep(poll_s)
-    raise TimeoutError(f"Slurm job {job_id} still {state} after {timeout_s:.0f}s")
-
-
-def job_state(job_id: str, runner: Callable[..., "subprocess.CompletedProcess"] = subprocess.run) -> str:
-    proc = runner(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False)
-    m = re.search(r"JobState=(\S+)", proc.stdout or "")
-    return m.group(1) if m else "UNKNOWN"

@@ -63,7 +63,7 @@ class MetricsCallback(Callback):
 
 class EvalLogCallback(Callback):
     def on_eval(self, trainer, val_loss):
-        extra = {f"val/{k}": v for k, v in getattr(trainer.engine, "last_eval_metrics", {}).items()}
+        extra = {f"val/{k}": v for k, v in trainer.engine.last_eval_metrics.items()}
         trainer.logger.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0)), **extra},
                            trainer.state.step)
 

@@ -25,7 +25,8 @@ import time
 import torch
 
 from dist_llm.checkpoint.manager import SaveStage
-from dist_llm.config.schema import CrashPoint, DebugConfig, NanTarget
+from dist_llm.config.choices import CrashPoint, NanTarget
+from dist_llm.config.schema import DebugConfig
 from dist_llm.parallel.engine import StepHooks
 from dist_llm.train.callbacks import Callback
 

@@ -16,7 +16,7 @@ from dist_llm.config.plan import RunPlan
 from dist_llm.config.schema import DatasetSource, JobConfig
 from dist_llm.config.store import config_to_dict
 from dist_llm.config.validate import validate
-from dist_llm.launch.env import LaunchEnv, read_launch_env
+from dist_llm.launch.env import LaunchEnv, read_launch_env, slurm_job_id
 
 log = logging.getLogger("dist_llm.train")
 
@@ -88,6 +88,88 @@ def _peak_flops(cfg: JobConfig, device) -> float:
     return measure_cpu_peak_flops(n=512, repeats=7)
 
 
+def _loaders(cfg: JobConfig, task, layout, plan: RunPlan):
+    """This rank's training loader (and the task's data setup) and validation loader (or None)."""
+    from dist_llm.data import TrainLoader, ValLoader
+    from dist_llm.data.sources import FetchOptions
+    from dist_llm.train.tasks.base import TOKENS
+
+    tr = cfg.train
+    records = task.sample_format != TOKENS  # BERT pairs / images: the task decodes the samples
+    train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp, plan.grad_accum,
+                                           fmt=task.sample_format, decode=task.decode_batch if records else None)
+    task.setup_data(train_loader.manifest)
+    if train_loader.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the training data uses a vocabulary of {train_loader.vocab_size} tokens but "
+                         f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
+                         f"{train_loader.vocab_size}")
+    if not (cfg.data.val and tr.eval_every):
+        return train_loader, None
+    val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
+                           tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums,
+                           fmt=task.sample_format, decode=task.decode_eval_batch if records else None,
+                           fetch=FetchOptions.from_config(cfg.data))
+    return train_loader, val_loader
+
+
+def _callbacks(cfg: JobConfig, task, layout, le: LaunchEnv, run_dir: Path) -> list:
+    """The trainer's callbacks, in the order they run."""
+    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback, ProvenanceCallback
+    from dist_llm.train.debug import debug_callbacks
+    from dist_llm.train.watchdog import WatchdogCallback
+
+    tr = cfg.train
+    callbacks = [
+        # First: it beats before the other callbacks' work (saves) and before the debug hooks
+        # (a fault injected in a phase is reported in that phase).
+        WatchdogCallback(tr.hang_timeout_s, cfg.parallel.first_step_timeout_s, cfg.parallel.timeout_s),
+        MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
+        EvalLogCallback(),
+        CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
+        ProvenanceCallback(le),  # which attempt trained which steps: provenance.json + manifests
+        *debug_callbacks(cfg.debug),
+    ]
+    if tr.profile:
+        from dist_llm.train.profiling import ProfilerCallback
+
+        callbacks.append(ProfilerCallback(tr.profile, tr.profile_ranks, layout.rank, run_dir))
+    return callbacks
+
+
+def _requeue(cfg: JobConfig, le: LaunchEnv):
+    """How a preempted rank asks Slurm to requeue the job; None outside Slurm."""
+    if le.launcher != "slurm" and slurm_job_id() is None:
+        return None
+    from dist_llm.launch.slurm_requeue import requeue_current_job
+
+    return lambda: requeue_current_job(max_requeues=cfg.launcher.slurm.max_requeues)
+
+
+def _split_cpu_threads(local_world_size: int) -> None:
+    """Without a GPU, split the cores between the local ranks instead of oversubscribing them
+    (the cores this process may run on: `taskset -c 0 dist-llm train ...` pins to one thread)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(local_world_size, 1)))
+
+
+def _engine(cfg: JobConfig, task, layout, init_state):
+    """The task's model, the same initial weights on every rank, behind the configured engine."""
+    from dist_llm.parallel import build_engine
+
+    _seed_all(cfg.train.seed)  # identical initial weights on every rank
+    model = task.build_model(cfg)
+    if init_state is not None:  # before the engine: every engine (ZeRO, Megatron TP/PP) takes it from here
+        from dist_llm.interop.init_from import load_into
+
+        load_into(model, init_state, cfg.model.init_from)
+    engine = build_engine(cfg, model, layout, task=task)
+    _seed_all(cfg.train.seed + 1000 * layout.rank)  # independent dropout streams per rank
+    return engine
+
+
 def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
                  plan: Optional[RunPlan] = None) -> Dict[str, Any]:
     """Train on this rank; returns the run summary (same on every rank for the fields that matter).
@@ -103,22 +185,12 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
     import torch
 
     from dist_llm.checkpoint.manager import CheckpointManager
-    from dist_llm.data import TrainLoader, ValLoader
     from dist_llm.observability import build_logger, make_progress
-    from dist_llm.parallel import build_engine
     from dist_llm.parallel.layout import init_layout, shutdown
-    from dist_llm.train.callbacks import CheckpointCallback, EvalLogCallback, MetricsCallback, ProvenanceCallback
-    from dist_llm.train.debug import debug_callbacks
     from dist_llm.train.tasks import build_task
-    from dist_llm.train.tasks.base import TOKENS
     from dist_llm.train.trainer import Trainer
-    from dist_llm.train.watchdog import WatchdogCallback
 
-    if not torch.cuda.is_available():
-        # Split the cores between the local ranks instead of oversubscribing them.
-        # (the cores this process may run on: `taskset -c 0 dist-llm train ...` pins to one thread)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(le.local_world_size, 1)))
+    _split_cpu_threads(le.local_world_size)
     task = build_task(cfg)  # before any process group: an unknown kind fails here
     layout = init_layout(cfg.parallel, le)
     try:
@@ -130,59 +202,18 @@ def run_training(cfg: JobConfig, launch_env: Optional[LaunchEnv] = None,
         layout.barrier()
 
         tr = cfg.train
-        records = task.sample_format != TOKENS  # BERT pairs / images: the task decodes the samples
-        train_loader = TrainLoader.from_config(cfg.data, tr, layout.dp_rank, layout.dp, plan.grad_accum,
-                                               fmt=task.sample_format, decode=task.decode_batch if records else None)
-        task.setup_data(train_loader.manifest)
-        if train_loader.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the training data uses a vocabulary of {train_loader.vocab_size} tokens but "
-                             f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
-                             f"{train_loader.vocab_size}")
-        val_loader = None
-        if cfg.data.val and tr.eval_every:
-            from dist_llm.data.sources import FetchOptions
-
-            val_loader = ValLoader(cfg.data.val, tr.seq_len, layout.dp_rank, layout.dp, tr.micro_batch_size,
-                                   tr.eval_batches * tr.global_batch_size, cfg.data.require_checksums,
-                                   fmt=task.sample_format, decode=task.decode_eval_batch if records else None,
-                                   fetch=FetchOptions.from_config(cfg.data))
-
-        _seed_all(tr.seed)  # identical initial weights on every rank
-        model = task.build_model(cfg)
-        if init_state is not None:  # before the engine: every engine (ZeRO, Megatron TP/PP) takes it from here
-            from dist_llm.interop.init_from import load_into
-
-            load_into(model, init_state, cfg.model.init_from)
-        engine = build_engine(cfg, model, layout, task=task)
-        _seed_all(tr.seed + 1000 * layout.rank)  # independent dropout streams per rank
+        train_loader, val_loader = _loaders(cfg, task, layout, plan)
+        engine = _engine(cfg, task, layout, init_state)
 
         config_dict = config_to_dict(cfg)
         logger = build_logger(cfg.logging, str(run_dir), run_dir.name, config_dict, layout.is_logging_rank)
-        callbacks = [
-            # First: it beats before the other callbacks' work (saves) and before the debug hooks
-            # (a fault injected in a phase is reported in that phase).
-            WatchdogCallback(tr.hang_timeout_s, cfg.parallel.first_step_timeout_s, cfg.parallel.timeout_s),
-            MetricsCallback(task.flops_per_token(cfg), _peak_flops(cfg, layout.device), layout.world_size),
-            EvalLogCallback(),
-            CheckpointCallback(tr.checkpoint.every, tr.checkpoint.keep_best),
-            ProvenanceCallback(le),  # which attempt trained which steps: provenance.json + manifests
-            *debug_callbacks(cfg.debug),
-        ]
-        if tr.profile:
-            from dist_llm.train.profiling import ProfilerCallback
-
-            callbacks.append(ProfilerCallback(tr.profile, tr.profile_ranks, layout.rank, run_dir))
+        callbacks = _callbacks(cfg, task, layout, le, run_dir)
         if tr.ui.breakdown and layout.device.type == "cuda":
             engine.phase_sync = lambda: torch.cuda.synchronize(layout.device)
         progress = make_progress(tr.max_steps, 0, tr.ui.progress_bar if layout.is_logging_rank else "off")
-        requeue = None
-        if le.launcher == "slurm" or "SLURM_JOB_ID" in os.environ:
-            from dist_llm.launch.slurm_requeue import requeue_current_job
-
-            requeue = lambda: requeue_current_job(max_requeues=cfg.launcher.slurm.max_requeues)  # noqa: E731
         trainer = Trainer(cfg, layout, engine, train_loader, val_loader,
                           CheckpointManager(run_dir, layout, tr.checkpoint.keep_last), logger, callbacks,
-                          progress, config_dict, plan, requeue=requeue)
+                          progress, config_dict, plan, requeue=_requeue(cfg, le))
         exit_code = 1
         try:
             summary = trainer.fit()

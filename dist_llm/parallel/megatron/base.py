@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from dist_llm.config.plan import grad_accum_steps
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel.engine import Engine
 from dist_llm.parallel.layout import ParallelLayout
@@ -52,7 +53,7 @@ class MegatronEngineBase(Engine):
         dtype = DTYPES[par.precision]
         self.chunks = [c.to(layout.device, dtype) for c in self.arch.build_chunks(self.tcfg, par.vpp)]
         self._load_full(self.arch.to_megatron(model.state_dict()))
-        self.grad_accum = tr.global_batch_size // (tr.micro_batch_size * layout.dp)
+        self.grad_accum = grad_accum_steps(tr.global_batch_size, tr.micro_batch_size, layout.dp)
         T = tr.seq_len
         self._pos = torch.arange(T, device=layout.device).unsqueeze(0).expand(tr.micro_batch_size, -1)
         self._mask = torch.triu(torch.ones(1, 1, T, T, dtype=torch.bool, device=layout.device), diagonal=1)

@@ -30,13 +30,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
+from dist_llm.config.choices import DECODER_PRESETS
 from dist_llm.config.schema import ModelConfig
 from dist_llm.parallel.elastic_state import STATES, PlainOptimizerState, register_reader
 from dist_llm.parallel.megatron import model as mm
 from dist_llm.parallel.megatron.checkpoint import FORMAT, read_meta
 
 ENGINE_NAME = "MegatronEngine"  # MegatronEngineBase.checkpoint_name
-GPT_PRESETS = ("gpt2", "llama")  # the presets whose names this module maps (BERT: not yet)
+GPT_PRESETS = DECODER_PRESETS  # the presets whose names this module maps (BERT: not yet)
 LAYERS = "decoder.layers."
 # Megatron-full (local spec) name part -> the name dist_checkpointing stores (TE's fused norms)
 _STORED = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -100,8 +101,8 @@ class ShardedReader:
                 dests[key] = ((0,) * len(shape), torch.empty(shape, dtype=torch.float32))
             else:
                 dests[key] = ((layer,) + (0,) * (len(shape) - 1), torch.empty((1, *shape[1:]), dtype=torch.float32))
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # it is a single-process load, as the warning assumes
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load({k: t for k, (_, t) in dests.items()}, storage_reader=self.storage,
                      planner=_BoxPlanner(dests), no_dist=True)
         return {n: dests[key][1][0] if layer is not None else dests[key][1] for n, (key, layer) in boxes.items()}

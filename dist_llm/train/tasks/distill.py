@@ -20,7 +20,6 @@ process group starts, with an error naming both sides.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -164,9 +163,3 @@ class DistillTask(Task):
         if not getattr(model, "training", True):  # eval: the student's own CE (comparable to plain runs)
             return ce_sum / n.clamp(min=1), metrics
         return loss, metrics
-
-
-def replace_teacher(cfg: JobConfig, **changes) -> JobConfig:
-    """``cfg`` with ``task.distill`` fields changed (tests, benchmarks)."""
-    task = dataclasses.replace(cfg.task, distill=dataclasses.replace(cfg.task.distill, **changes))
-    return dataclasses.replace(cfg, task=task)
