@@ -19,8 +19,8 @@ The formulas are the standard ones (docs/planner.md gives the derivations and so
   full activation checkpointing plus one layer recomputed; under 1F1B the first stage keeps
   ``min(pp, micro-batches)`` micro-batches in flight (times 1 + (pp-1)/(pp*vpp) interleaved);
 * logits in fp32 for the loss: the saved log-softmax and its gradient, s*b*V*4 bytes each;
-* communication buffers: DeepSpeed's gradient/all-gather buckets (DeepSpeed's defaults, which
-  ``deepspeed_config`` keeps) or Megatron DDP's fp32 gradient buffer;
+* communication buffers: DeepSpeed's gradient/all-gather buckets (``parallel.zero.*``,
+  DeepSpeed's defaults unless set) or Megatron DDP's fp32 gradient buffer;
 * the allocator's overhead as a fraction of the rest (caching allocator fragmentation on GPU).
 
 On the CPU mock cluster there is no caching allocator and DeepSpeed keeps extra fp32 copies;
