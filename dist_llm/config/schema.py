@@ -109,6 +109,21 @@ class DataConfig:
 
 
 @dataclass
+class ZeroBuffersConfig:
+    """DeepSpeed ZeRO's communication buffers and ZeRO-3 gather limits, in elements (not bytes).
+    Defaults are DeepSpeed's, except the persistence threshold (0: every ZeRO-3 parameter is
+    partitioned; DeepSpeed's 1e5 keeps small ones whole on every rank). Smaller values bound the
+    transient memory these buffers add on top of the model states (docs/parallelism.md)."""
+
+    reduce_bucket_size: int = 500_000_000  # ZeRO-1/2/3 gradient reduce bucket (ZeRO-0: DeepSpeed's fixed 5e8)
+    allgather_bucket_size: int = 500_000_000  # ZeRO-1/2 parameter all-gather after the step
+    prefetch_bucket_size: int = 50_000_000  # ZeRO-3: parameters gathered ahead of use
+    param_persistence_threshold: int = 0  # ZeRO-3: parameters this small stay whole on every rank
+    max_live_parameters: int = 1_000_000_000  # ZeRO-3: gathered parameters alive at once
+    max_reuse_distance: int = 1_000_000_000  # ZeRO-3: keep a gathered parameter if reused this soon
+
+
+@dataclass
 class ParallelConfig:
     engine: EngineKind = EngineKind.deepspeed  # deepspeed (ZeRO, data parallel) | megatron (tp/pp/sp)
     tp: int = 1
@@ -125,6 +140,7 @@ class ParallelConfig:
     # Collective timeout until the first step has finished (start-up, first compile/allocation,
     # checkpoint load); then parallel.timeout_s applies. Gloo and NCCL both honour it.
     first_step_timeout_s: int = 1800
+    zero: ZeroBuffersConfig = field(default_factory=ZeroBuffersConfig)  # ZeRO buffer sizes (elements)
 
 
 @dataclass

@@ -195,6 +195,9 @@ def _distill_problems(cfg: JobConfig) -> List[str]:
     return p
 
 
+_ZERO_MAY_BE_0 = ("prefetch_bucket_size", "param_persistence_threshold", "max_reuse_distance")
+
+
 def _layout_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
     """world = dp * tp * pp, and what each engine supports."""
     m, par = cfg.model, cfg.parallel
@@ -232,6 +235,11 @@ def _layout_problems(cfg: JobConfig, world: int, dp: int) -> List[str]:
         p.append("parallel.precision=fp16 is not supported on CPU: use fp32 or bf16")
     if par.timeout_s < 10:
         p.append(f"parallel.timeout_s={par.timeout_s} is too short for collectives; use >= 10")
+    for f in dataclasses.fields(par.zero):  # 0 turns off prefetch, persistence and reuse; buckets need >= 1
+        v, least = getattr(par.zero, f.name), 0 if f.name in _ZERO_MAY_BE_0 else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            p.append(f"parallel.zero.{f.name}={v!r} must be an integer >= {least} (a count of elements; the "
+                     f"default is {f.default:_}): set it to a whole number such as {f.default:_}")
     return p
 
 

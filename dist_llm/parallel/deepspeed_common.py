@@ -41,10 +41,15 @@ def deepspeed_config(cfg: JobConfig, dp: int, own_clipping: bool = False) -> Dic
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if par.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zb = par.zero
+    zero.update(reduce_bucket_size=zb.reduce_bucket_size, allgather_bucket_size=zb.allgather_bucket_size)
     if par.zero_stage == 3:
-        # Small test models would otherwise keep every parameter unpartitioned (persistence
-        # threshold) and never exercise the gather path.
-        zero["stage3_param_persistence_threshold"] = 0
+        # Persistence threshold 0 by default: small test models would otherwise keep every
+        # parameter unpartitioned and never exercise the gather path.
+        zero.update(stage3_prefetch_bucket_size=zb.prefetch_bucket_size,
+                    stage3_param_persistence_threshold=zb.param_persistence_threshold,
+                    stage3_max_live_parameters=zb.max_live_parameters,
+                    stage3_max_reuse_distance=zb.max_reuse_distance)
     return {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,

@@ -19,8 +19,8 @@ The formulas are the standard ones (docs/planner.md gives the derivations and so
   full activation checkpointing plus one layer recomputed; under 1F1B the first stage keeps
   ``min(pp, micro-batches)`` micro-batches in flight (times 1 + (pp-1)/(pp*vpp) interleaved);
 * logits in fp32 for the loss: the saved log-softmax and its gradient, s*b*V*4 bytes each;
-* communication buffers: DeepSpeed's gradient/all-gather buckets (DeepSpeed's defaults, which
-  ``deepspeed_config`` keeps) or Megatron DDP's fp32 gradient buffer;
+* communication buffers: DeepSpeed's gradient/all-gather buckets (``parallel.zero.*``,
+  DeepSpeed's defaults unless set) or Megatron DDP's fp32 gradient buffer;
 * the allocator's overhead as a fraction of the rest (caching allocator fragmentation on GPU).
 
 On the CPU mock cluster there is no caching allocator and DeepSpeed keeps extra fp32 copies;
@@ -35,7 +35,7 @@ from typing import Dict, Optional
 from dist_llm.config.plan import grad_accum_steps
 from dist_llm.planner.params import ModelParams, count_params, resolved
 
-# DeepSpeed ZeRO defaults (deepspeed_config() sets none of them): elements, not bytes.
+# DeepSpeed ZeRO defaults, which parallel.zero.* keeps unless set: elements, not bytes.
 DS_REDUCE_BUCKET = 500_000_000
 DS_ALLGATHER_BUCKET = 500_000_000
 DS_STAGE3_PREFETCH_BUCKET = 50_000_000
@@ -58,6 +58,11 @@ class Layout:
     offload_params: bool = False
     activation_checkpointing: bool = False
     micro_batch_size: int = 1
+    # DeepSpeed's buffers (parallel.zero.*), elements
+    reduce_bucket: int = DS_REDUCE_BUCKET
+    allgather_bucket: int = DS_ALLGATHER_BUCKET
+    prefetch_bucket: int = DS_STAGE3_PREFETCH_BUCKET
+    max_live_params: int = DS_STAGE3_MAX_LIVE_PARAMS
 
     @property
     def engine(self) -> str:
@@ -245,14 +250,14 @@ def _comm_buffers(n_rank: float, mp: ModelParams, layout: Layout, mm: MemoryMode
         return 0.0  # Megatron DDP reduces in place in its grad buffer (counted as grads)
     if layout.dp == 1 and z == 0:
         return 0.0
-    if z == 0:
+    if z == 0:  # DeepSpeed's stage-0 all-reduce buffer is fixed at 5e8 elements
         return min(n_rank, DS_REDUCE_BUCKET) * b
     if z in (1, 2):
-        return min(n_rank, DS_REDUCE_BUCKET) * b + min(n_rank, DS_ALLGATHER_BUCKET) * b / layout.dp
+        return min(n_rank, layout.reduce_bucket) * b + min(n_rank, layout.allgather_bucket) * b / layout.dp
     # stage 3: the gathered working set: the layer being computed plus the prefetch bucket
     layer = mp.layer_sharded + mp.layer_replicated
-    live = min(layer + DS_STAGE3_PREFETCH_BUCKET, DS_STAGE3_MAX_LIVE_PARAMS, mp.total)
-    return live * b + min(n_rank * layout.dp, DS_REDUCE_BUCKET) * b / layout.dp
+    live = min(layer + layout.prefetch_bucket, max(layer, layout.max_live_params), mp.total)
+    return live * b + min(n_rank * layout.dp, layout.reduce_bucket) * b / layout.dp
 
 
 def estimate_layout(model_cfg, seq_len: int, global_batch: int, layout: Layout,
@@ -312,7 +317,9 @@ def layout_from_job(job_config, world_size: int) -> Layout:
                   zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
                   offload_params=par.offload_params,
                   activation_checkpointing=bool(job_config.model.activation_checkpointing),
-                  micro_batch_size=tr.micro_batch_size)
+                  micro_batch_size=tr.micro_batch_size, reduce_bucket=par.zero.reduce_bucket_size,
+                  allgather_bucket=par.zero.allgather_bucket_size, prefetch_bucket=par.zero.prefetch_bucket_size,
+                  max_live_params=par.zero.max_live_parameters)
 
 
 def memory_model_for(job_config, device: Optional[str] = None) -> MemoryModel:
