@@ -59,11 +59,28 @@ class LocalEngine:
     def __init__(self, workers: int) -> None:
         self.workers = workers or os.cpu_count() or 1
 
-    def _pool(self, init: Callable, arg: Any):
+    @contextmanager
+    def _pool(self, init: Callable, arg: Any) -> Iterator[Any]:
+        """A worker pool for one phase. On a normal end (every result read, or the reader
+        stopped early) it is closed and joined: each worker takes its sentinel and exits.
+        ``terminate()`` is kept for errors: it SIGTERMs workers, and one killed while holding the
+        task queue's lock, or one that inherited a Python SIGTERM handler and so does not die,
+        leaves ``join`` waiting forever (seen: a prepare run hung in ``Pool._terminate_pool``)."""
         import multiprocessing as mp
 
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        return mp.get_context(method).Pool(self.workers, initializer=init, initargs=(arg,))
+        pool = mp.get_context(method).Pool(self.workers, initializer=_start_worker, initargs=(init, arg))
+        try:
+            yield pool
+        except GeneratorExit:  # the consumer stopped reading: in-flight tasks (at most 2 x workers) finish
+            pool.close()
+            pool.join()
+            raise
+        except BaseException:
+            pool.terminate()
+            raise
+        pool.close()
+        pool.join()
 
     def map_ordered_bounded(self, init: Callable, arg: Any, fn: Callable, tasks: Iterable[Any]) -> Iterator[Any]:
         """Results in task order, at most ``2 x workers`` tasks in flight (flat memory)."""
@@ -95,6 +112,16 @@ class LocalEngine:
 
     def write(self, packer: Any, jobs: List[ShardJob]) -> Iterator[Tuple[ShardJob, Dict[str, Any]]]:
         return self.map_ordered_bounded(_init_packer, packer, _write_job, iter(jobs))
+
+
+def _start_worker(init: Callable, arg: Any) -> None:
+    """A pool worker's start: the default SIGTERM action (a forked worker inherits the driver's
+    Python handlers, e.g. a launcher's or Ray's, and would not die on ``terminate()``), then the
+    phase's own initializer."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    init(arg)
 
 
 class _LocalSession:
