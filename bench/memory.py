@@ -27,7 +27,8 @@ Theory columns (bytes/param at the states point, buffers and activations exclude
   16, 8 + 8/N, 4 + 12/N, 16/N; offload as ZeRO-2 (host RSS on a CPU mock cluster);
 - DS: DeepSpeed's fp32 layout, which from ZeRO-1 on clones an fp32 master partition (4/N):
   16, 8 + 12/N, 4 + 16/N, 20/N; offload keeps the master partition's gradient: 4 + 20/N.
-Writes bench/results/memory.json.
+``--precision bf16``: mixed precision, against the paper's K = 12 count (2 + 2 + 12, 4 + 12/N,
+2 + 14/N, 16/N). Writes bench/results/memory.json (bf16: memory_bf16.json).
 """
 from __future__ import annotations
 
@@ -47,19 +48,26 @@ CONFIGS = {"zero0": ["parallel=zero0"], "zero1": ["parallel=zero1"], "zero2": ["
 PHASES = ("init", "forward", "backward", "all_reduce:loss+nonfinite", "optimizer_step")
 
 
-def theory_bytes_per_param(name: str, n: int) -> float:
-    """The ZeRO paper's model-state count with fp32 Adam (weights double as the master copy:
-    weights 4, grads 4, m+v 8 bytes/param), buffers and activations excluded."""
+def theory_bytes_per_param(name: str, n: int, precision: str = "fp32") -> float:
+    """The ZeRO paper's model-state count, buffers and activations excluded. fp32 Adam: the
+    weights double as the master copy (weights 4, grads 4, m+v 8 bytes/param). Mixed precision
+    (bf16): 2-byte weights and grads plus K = 12 bytes of optimizer state (fp32 master 4, m+v 8):
+    the paper's 2 + 2 + 12, (2 + 2) + 12/N, 2 + 14/N, 16/N."""
+    if precision == "bf16":
+        return {"zero0": 16.0, "zero1": 4 + 12 / n, "zero2": 2 + 14 / n, "zero3": 16 / n,
+                "zero2_offload": 2 + 14 / n}[name]
     return {"zero0": 16.0, "zero1": 8 + 8 / n, "zero2": 4 + 12 / n, "zero3": 16 / n,
             "zero2_offload": 4 + 12 / n}[name]
 
 
-def deepspeed_bytes_per_param(name: str, n: int) -> float:
+def deepspeed_bytes_per_param(name: str, n: int, precision: str = "fp32") -> float:
     """The same count for DeepSpeed's fp32 layout after backward, before the step: from ZeRO-1 on
     it clones an fp32 master partition (4/N) beside the module's weights (ZeRO-3: beside the
     weight partition); ZeRO-0 steps torch's AdamW on the module directly (no clone). With
     offload the master partition's gradient (4/N) is allocated once and kept
     (``initialize_optimizer_states`` in DeepSpeed's stage_1_and_2.py)."""
+    if precision == "bf16":  # the master is part of the paper's K = 12: no separate count here
+        return theory_bytes_per_param(name, n, precision)
     return {"zero0": 16.0, "zero1": 8 + 12 / n, "zero2": 4 + 16 / n, "zero3": 20 / n,
             "zero2_offload": 4 + 20 / n}[name]
 
@@ -210,7 +218,7 @@ def memory_job(job: Dict, rank: int, world: int) -> Dict:
     return {"ranks": per_rank}
 
 
-def summarize(name: str, n: int, ranks: List[Dict]) -> Dict:
+def summarize(name: str, n: int, ranks: List[Dict], precision: str = "fp32") -> Dict:
     """Bytes/param per rank (slope between the two widths), worst rank reported, with theory."""
     big, small = ranks[0]["big"], ranks[0]["small"]
     dpsi = big["params"] - small["params"]
@@ -219,7 +227,7 @@ def summarize(name: str, n: int, ranks: List[Dict]) -> Dict:
         return max((get(r["big"]) - get(r["small"])) / dpsi for r in ranks)
 
     peak_of = lambda run: max(run["peaks"].values())  # noqa: E731
-    row = {"config": name, "ranks": n, "params": big["params"], "params_small": small["params"],
+    row = {"config": name, "ranks": n, "precision": precision, "params": big["params"], "params_small": small["params"],
            "states_bytes_per_param": slope(lambda run: run["states"]),
            "peak_bytes_per_param": slope(peak_of),
            "raw_states_bytes_per_param": max(r["big"]["states"] for r in ranks) / big["params"],
@@ -229,8 +237,8 @@ def summarize(name: str, n: int, ranks: List[Dict]) -> Dict:
            "peak_phase": max(big["peaks"], key=big["peaks"].get), "states_at": big["states_at"],
            "peak_bytes_per_param_by_phase": {p: slope(lambda run, p=p: run["peaks"].get(p, 0))
                                              for p in PHASES if p in big["peaks"]},
-           "theory_bytes_per_param": theory_bytes_per_param(name, n),
-           "deepspeed_theory_bytes_per_param": deepspeed_bytes_per_param(name, n), "per_rank": ranks}
+           "theory_bytes_per_param": theory_bytes_per_param(name, n, precision),
+           "deepspeed_theory_bytes_per_param": deepspeed_bytes_per_param(name, n, precision), "per_rank": ranks}
     return row
 
 
@@ -263,6 +271,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--buckets", choices=["small", "default"], default="small",
                     help="default = DeepSpeed's bucket and ZeRO-3 gather defaults (5e8/5e7/1e9)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: mixed precision (bf16 weights and grads, fp32 master), the paper's K = 12 theory")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides, e.g. parallel.zero.max_reuse_distance=0")
     args = ap.parse_args()
     # Large tensors straight from mmap, so a freed one leaves RSS at once (glibc's default
@@ -278,14 +288,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in args.ranks:
             for name in args.configs:
-                job = {"overrides": CONFIGS[name], "steps": args.steps, "accum": args.accum, "layers": args.layers,
+                job = {"overrides": [*CONFIGS[name], f"parallel.precision={args.precision}"], "steps": args.steps, "accum": args.accum, "layers": args.layers,
                        "width": args.width, "small_width": args.small_width, "buckets": buckets,
                        "workdir": str(Path(d) / f"{name}{n}")}
                 t0 = time.time()
-                rows.append(summarize(name, n, run_ranks(n, job, "bench.memory:memory_job")["ranks"]))
+                ranks = run_ranks(n, job, "bench.memory:memory_job")["ranks"]
+                rows.append(summarize(name, n, ranks, args.precision))
                 print(f"  {name} N={n}: {time.time() - t0:.0f} s", flush=True)
     print_table(rows)
-    print(f"results: {write_result('memory', {'args': vars(args), 'bucket_elements': bucket, 'rows': rows})}")
+    print(f"results: {write_result('memory' if args.precision == 'fp32' else f'memory_{args.precision}', {'args': vars(args), 'bucket_elements': bucket, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ matmul once and use that as the achievable peak. ``train.ui.peak_flops`` overrid
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 import statistics
 import time
@@ -93,15 +95,22 @@ def memory_stats(device: Any) -> dict[str, float]:
     RSS is what kills CPU jobs (OOM killer); on GPU the allocator's max_allocated is what tells
     you how close a config is to OOM, and reserved vs allocated shows fragmentation.
     """
-    import psutil
-
     dev = torch.device(device)
-    out = {"mem/rss_gb": psutil.Process().memory_info().rss / GiB}
+    out = {"mem/rss_gb": _this_process(os.getpid()).memory_info().rss / GiB}
     if dev.type == "cuda" and torch.cuda.is_available():
         out["mem/allocated_gb"] = torch.cuda.memory_allocated(dev) / GiB
         out["mem/reserved_gb"] = torch.cuda.memory_reserved(dev) / GiB
         out["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / GiB
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _this_process(pid: int) -> Any:
+    """psutil's handle on this process, made once per pid (a forked child gets its own): building
+    one reads /proc every time, which showed up in a per-step profile."""
+    import psutil
+
+    return psutil.Process(pid)
 
 
 class Throughput:

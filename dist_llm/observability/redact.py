@@ -17,6 +17,7 @@ This module imports nothing of ours, so any layer (submit, checkpoint, train) ma
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ _ASSIGN = re.compile(r"""(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P<sep>["']?\s*[:=]\
 _FLAG = re.compile(r"(?P<name>--?[A-Za-z][A-Za-z0-9_-]*)(?P<sep>\s+)(?P<val>[^\s-][^\s]*)")
 
 
+@functools.lru_cache(maxsize=4096)  # names repeat (env vars, metric keys): redaction runs per log line
 def is_secret_key(name: str) -> bool:
     """True for names like api_key, apiKey, hf_token, accessToken, db_password, client_secret.
 

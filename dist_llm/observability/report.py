@@ -103,25 +103,28 @@ def _fill_tokens(records: List[Dict[str, float]]) -> None:
             r["train/tokens_seen"] = r["step"] * per_step
 
 
-# (file name, title, y label, keys, x key, log y)
+# y axis: "auto" (matplotlib's range), "zero" (linear from 0: rates and sizes, where an auto
+# range turns a 1% wobble or 6 MB of growth into a cliff that reads as a slowdown or a leak),
+# "log" (spans decades).
+# (file name, title, y label, keys, x key, y axis)
 PLOTS = [
-    ("loss.png", "Loss", "loss", ["train/loss", "val/loss"], "train/tokens_seen", False),
-    ("lr.png", "Learning rate", "lr", ["train/lr"], "step", False),
-    ("throughput.png", "Throughput", "tokens/s", ["tokens_per_s"], "step", False),
-    ("mfu.png", "Model FLOPs utilisation", "MFU", ["perf/mfu"], "step", False),
-    ("grad_norm.png", "Gradient norm (before clipping)", "grad norm", ["train/grad_norm"], "step", True),
+    ("loss.png", "Loss", "loss", ["train/loss", "val/loss"], "train/tokens_seen", "auto"),
+    ("lr.png", "Learning rate", "lr", ["train/lr"], "step", "zero"),
+    ("throughput.png", "Throughput", "tokens/s", ["tokens_per_s"], "step", "zero"),
+    ("mfu.png", "Model FLOPs utilisation", "MFU", ["perf/mfu"], "step", "zero"),
+    ("grad_norm.png", "Gradient norm (before clipping)", "grad norm", ["train/grad_norm"], "step", "log"),
 ]
 
 
 def _plot(runs: List[RunMetrics], keys: List[str], x_key: str, title: str, ylabel: str,
-          out: Path, logy: bool = False) -> Optional[Path]:
+          out: Path, yaxis: str = "auto") -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    drew = False
+    drew, top = False, 0.0
     for run in runs:
         for key in keys:
             xs, ys = run.series(key, x_key)
@@ -130,15 +133,17 @@ def _plot(runs: List[RunMetrics], keys: List[str], x_key: str, title: str, ylabe
             label = key if len(runs) == 1 else f"{run.name}: {key}"
             style = "o-" if key.startswith("val/") else "-"
             ax.plot(xs, ys, style, label=label, markersize=3, linewidth=1.2)
-            drew = True
+            drew, top = True, max(top, *ys)
     if not drew:
         plt.close(fig)
         return None
     ax.set_title(title)
     ax.set_xlabel("tokens" if x_key == "train/tokens_seen" else x_key)
     ax.set_ylabel(ylabel)
-    if logy:
+    if yaxis == "log":
         ax.set_yscale("log")
+    elif yaxis == "zero" and top > 0:
+        ax.set_ylim(0, top * 1.1)  # room above the highest point, so a flat line is seen as flat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,14 +159,14 @@ def _prefixed(runs: List[RunMetrics], prefix: str) -> List[str]:
 def write_plots(runs: List[RunMetrics], out_dir: Path) -> List[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, title, ylabel, keys, x_key, logy in PLOTS:
-        p = _plot(runs, keys, x_key, title, ylabel, out_dir / name, logy)
+    for name, title, ylabel, keys, x_key, yaxis in PLOTS:
+        p = _plot(runs, keys, x_key, title, ylabel, out_dir / name, yaxis)
         if p:
             written.append(p)
     extra = [("memory.png", "Memory per rank", "GiB", _prefixed(runs, "mem/")),
              ("step_time.png", "Step-time breakdown", "seconds", _prefixed(runs, "time/") or ["step_time_s"])]
     for name, title, ylabel, keys in extra:
-        p = _plot(runs, keys, "step", title, ylabel, out_dir / name)
+        p = _plot(runs, keys, "step", title, ylabel, out_dir / name, "zero")
         if p:
             written.append(p)
     return written

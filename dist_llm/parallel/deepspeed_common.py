@@ -8,6 +8,7 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -213,8 +214,15 @@ def _forward_backward(owner: Engine, ds_engine, micro_batches: List[Any], loss_f
 
 def _params_with_grads(module: nn.Module) -> List[nn.Parameter]:
     """The parameters whose gradients this rank holds (ZeRO-2/3 free them after reducing: their
-    optimizer checks its partitions itself)."""
-    return [p for p in module.parameters() if p.grad is not None]
+    optimizer checks its partitions itself). The parameter list is walked once per module (a
+    module-tree walk every step was measurable at small models), filtered every step."""
+    params = _PARAMS.get(module)
+    if params is None:
+        params = _PARAMS[module] = tuple(module.parameters())
+    return [p for p in params if p.grad is not None]
+
+
+_PARAMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[nn.Parameter, ...]]" = weakref.WeakKeyDictionary()
 
 
 def _total_norm(grads: List[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
