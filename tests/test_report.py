@@ -82,3 +82,33 @@ def test_report_cli(tmp_path):
     p = subprocess.run([sys.executable, "-m", "dist_llm.cli.main", "report", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no metrics.jsonl" in p.stderr
+
+
+def test_rates_and_sizes_are_plotted_from_zero_and_loss_is_not(tmp_path, monkeypatch):
+    """A flat throughput or a few MB of RSS growth must look flat: their y axis starts at 0 with
+    room above the top; the loss keeps matplotlib's own range, the grad norm a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    real_close = plt.close
+
+    def keep(fig=None):  # the report closes each figure after saving it: read its axes first
+        if fig is not None and fig.axes:
+            figures[fig.axes[0].get_title()] = (fig.axes[0].get_ylim(), fig.axes[0].get_yscale())
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    run = tmp_path / "flat"
+    _fake_run(run)
+    make_report([run])
+    for title in ("Throughput", "Memory per rank", "Model FLOPs utilisation", "Step-time breakdown"):
+        (low, high), _ = figures[title]
+        assert low == 0, (title, low)
+    (low, high), _ = figures["Throughput"]
+    assert high == pytest.approx(1020 * 1.1)  # the highest point (1000 + 20) plus 10%
+    (low, _), _ = figures["Loss"]
+    assert low > 0  # matplotlib's range around 0.25..5 (with its margin), not pinned at 0
+    assert figures["Gradient norm (before clipping)"][1] == "log"
