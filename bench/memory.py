@@ -39,7 +39,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 from bench._loops import compose_cfg, ours, run_ranks, write_result
 
@@ -60,14 +60,14 @@ def theory_bytes_per_param(name: str, n: int, precision: str = "fp32") -> float:
             "zero2_offload": 4 + 12 / n}[name]
 
 
-def deepspeed_bytes_per_param(name: str, n: int, precision: str = "fp32") -> float:
+def deepspeed_bytes_per_param(name: str, n: int, precision: str = "fp32") -> Optional[float]:
     """The same count for DeepSpeed's fp32 layout after backward, before the step: from ZeRO-1 on
     it clones an fp32 master partition (4/N) beside the module's weights (ZeRO-3: beside the
     weight partition); ZeRO-0 steps torch's AdamW on the module directly (no clone). With
     offload the master partition's gradient (4/N) is allocated once and kept
     (``initialize_optimizer_states`` in DeepSpeed's stage_1_and_2.py)."""
-    if precision == "bf16":  # the master is part of the paper's K = 12: no separate count here
-        return theory_bytes_per_param(name, n, precision)
+    if precision == "bf16":  # the master is part of the paper's K = 12: no separate layout derived
+        return None
     return {"zero0": 16.0, "zero1": 8 + 12 / n, "zero2": 4 + 16 / n, "zero3": 20 / n,
             "zero2_offload": 4 + 20 / n}[name]
 
@@ -247,10 +247,12 @@ def print_table(rows: List[Dict]) -> None:
           f"{'paper':>6} {'DS':>6} {'st/paper':>8} {'st/DS':>6} {'peak B/p':>8} {'peak at':>14} {'peak/DS':>7}")
     for r in rows:
         st, th, ds = r["states_bytes_per_param"], r["theory_bytes_per_param"], r["deepspeed_theory_bytes_per_param"]
+        ds_cols = (f"{ds:>6.2f}", f"{st / ds:>6.2f}", f"{r['peak_bytes_per_param'] / ds:>7.2f}") if ds else \
+            (f"{'-':>6}", f"{'-':>6}", f"{'-':>7}")
         print(f"{r['config']:<14} {r['ranks']:>2} {r['params']:>9} {st:>10.2f} {r['states_at']:>19} "
-              f"{r['raw_states_bytes_per_param']:>7.2f} {th:>6.2f} {ds:>6.2f} {st / th:>8.2f} {st / ds:>6.2f} "
-              f"{r['peak_bytes_per_param']:>8.2f} {r['peak_phase']:>14} {r['peak_bytes_per_param'] / ds:>7.2f}")
-    for r in rows:
+              f"{r['raw_states_bytes_per_param']:>7.2f} {th:>6.2f} {ds_cols[0]} {st / th:>8.2f} {ds_cols[1]} "
+              f"{r['peak_bytes_per_param']:>8.2f} {r['peak_phase']:>14} {ds_cols[2]}")
+    for r in (r for r in rows if r.get("precision", "fp32") == "fp32"):  # bf16: the master is in the paper's K
         print(f"{r['config']:<14} N={r['ranks']}: fp32 master clone {r['master_bytes_per_param']:.2f} B/param, "
               f"states - master {r['states_bytes_per_param'] - r['master_bytes_per_param']:.2f} "
               f"(paper {r['theory_bytes_per_param']:.2f}), after the step {r['resident_after_step_bytes_per_param']:.2f}")
@@ -288,15 +290,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in args.ranks:
             for name in args.configs:
-                job = {"overrides": [*CONFIGS[name], f"parallel.precision={args.precision}"], "steps": args.steps, "accum": args.accum, "layers": args.layers,
-                       "width": args.width, "small_width": args.small_width, "buckets": buckets,
+                job = {"overrides": [*CONFIGS[name], f"parallel.precision={args.precision}"], "steps": args.steps,
+                       "accum": args.accum, "layers": args.layers, "width": args.width, "small_width": args.small_width, "buckets": buckets,
                        "workdir": str(Path(d) / f"{name}{n}")}
                 t0 = time.time()
                 ranks = run_ranks(n, job, "bench.memory:memory_job")["ranks"]
                 rows.append(summarize(name, n, ranks, args.precision))
                 print(f"  {name} N={n}: {time.time() - t0:.0f} s", flush=True)
     print_table(rows)
-    print(f"results: {write_result('memory' if args.precision == 'fp32' else f'memory_{args.precision}', {'args': vars(args), 'bucket_elements': bucket, 'rows': rows})}")
+    result = "memory" if args.precision == "fp32" else f"memory_{args.precision}"
+    print(f"results: {write_result(result, {'args': vars(args), 'bucket_elements': bucket, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ model, ZeRO over the data-parallel group).
 from __future__ import annotations
 
 import math
-import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -127,12 +126,14 @@ class MicroStepResult(NamedTuple):
     grad_norm: float  # the step's own norm before clipping when it owns clipping, else nan
 
 
-def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List[Any], lr: float,
+def train_micro_batches(owner: Engine, ds_engine, optimizer, params: Sequence[nn.Parameter],
+                        micro_batches: List[Any], lr: float,
                         loss_fn: Callable[[Any], Any], device: torch.device, agree: Agree,
                         max_norm: Optional[float] = None, agree_early: Optional[AgreeEarly] = None,
                         metrics_into: Optional[Dict[str, torch.Tensor]] = None,
                         clock: Optional[PhaseClock] = None) -> MicroStepResult:
-    """One optimizer step over ``micro_batches`` through a DeepSpeed engine.
+    """One optimizer step over ``micro_batches`` through a DeepSpeed engine. ``params`` are the
+    module's parameters, listed once by the engine (not walked through the module tree per step).
 
     ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
     pairs are added into ``metrics_into`` (float64 2-vectors; the caller's ``agree`` may reduce
@@ -159,7 +160,7 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, micro_batches: List
         group["lr"] = lr * group.get("lr_scale", 1.0)
     total, answer = _forward_backward(owner, ds_engine, micro_batches, loss_fn, device, agree_early, metrics_into)
     clock.mark("fwd_bwd_s")
-    params = _params_with_grads(ds_engine.module)
+    params = [p for p in params if p.grad is not None]  # ZeRO-2/3 free what they reduced
     norm = _total_norm([p.grad for p in params], 2.0 if max_norm is not None else math.inf, device)
     if answer is None:
         owner.hook_phase("all_reduce:loss+nonfinite")
@@ -210,19 +211,6 @@ def _forward_backward(owner: Engine, ds_engine, micro_batches: List[Any], loss_f
         if not last:
             ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
     return total, answer
-
-
-def _params_with_grads(module: nn.Module) -> List[nn.Parameter]:
-    """The parameters whose gradients this rank holds (ZeRO-2/3 free them after reducing: their
-    optimizer checks its partitions itself). The parameter list is walked once per module (a
-    module-tree walk every step was measurable at small models), filtered every step."""
-    params = _PARAMS.get(module)
-    if params is None:
-        params = _PARAMS[module] = tuple(module.parameters())
-    return [p for p in params if p.grad is not None]
-
-
-_PARAMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[nn.Parameter, ...]]" = weakref.WeakKeyDictionary()
 
 
 def _total_norm(grads: List[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:

@@ -96,6 +96,7 @@ class DeepSpeedEngine(Engine):
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.task.layer_lr_decay), config=self.ds_config,
             dist_init_required=False)
         skip_single_rank_allreduce(self.engine, cfg, layout.dp)
+        self._params = tuple(self.engine.module.parameters())  # listed once: the step filters it
         self.device = layout.device
         self.task = task
         self.last_eval_metrics = {}
@@ -128,8 +129,8 @@ class DeepSpeedEngine(Engine):
         # ZeRO-0 (owned clipping): the gradients are global after backward, so the loss all-reduce
         # can run during the last backward; other stages agree on loss and finiteness after it
         early = (lambda s: self._agree_later(s, sums, reduced)) if self.max_norm is not None else None
-        res = train_micro_batches(self, self.engine, self.optimizer, micro_batches, lr, self._loss, self.device,
-                                  lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
+        res = train_micro_batches(self, self.engine, self.optimizer, self._params, micro_batches, lr, self._loss,
+                                  self.device, lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
                                   agree_early=early, metrics_into=sums, clock=clock)
         return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.engine, res.grad_norm), applied=res.applied,
                          finite=res.finite, metrics=reduced, timings=clock.times)
@@ -188,7 +189,7 @@ class DeepSpeedEngine(Engine):
 
     # --- state ---
     def _all_params(self) -> list:
-        return list(self.engine.module.parameters())
+        return list(self._params)
 
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
         module = self.engine.module

@@ -70,17 +70,20 @@ class LocalEngine:
 
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(self.workers, initializer=_start_worker, initargs=(init, arg))
+        failed = False
         try:
             yield pool
         except GeneratorExit:  # the consumer stopped reading: in-flight tasks (at most 2 x workers) finish
-            pool.close()
-            pool.join()
             raise
         except BaseException:
-            pool.terminate()
+            failed = True
             raise
-        pool.close()
-        pool.join()
+        finally:
+            if failed:
+                pool.terminate()
+            else:
+                pool.close()
+                pool.join()
 
     def map_ordered_bounded(self, init: Callable, arg: Any, fn: Callable, tasks: Iterable[Any]) -> Iterator[Any]:
         """Results in task order, at most ``2 x workers`` tasks in flight (flat memory)."""

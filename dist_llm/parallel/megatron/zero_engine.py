@@ -43,6 +43,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
             config=deepspeed_config(cfg, layout.dp), mpu=layout.mpu(), dist_init_required=False)
         skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
+        self._params = tuple(self.ds.module.parameters())  # listed once: the step filters it
 
     def _allreduce_sp_grads_over_tp(self, module: torch.nn.Module) -> None:
         layout, group = self.layout, self.layout.tp_group
@@ -63,7 +64,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         self.check_micro_batches(micro_batches)
         clock = self.phase_clock()
         sums: Dict[str, torch.Tensor] = {}
-        res = train_micro_batches(self, self.ds, self.optimizer, micro_batches, lr,
+        res = train_micro_batches(self, self.ds, self.optimizer, self._params, micro_batches, lr,
                                   lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
                                   lambda s, bad: self._agree(s, bad, len(micro_batches)), metrics_into=sums,
                                   clock=clock)
