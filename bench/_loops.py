@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -178,6 +178,23 @@ def run_ranks(world: int, job: Dict, fn_name: str) -> Dict:
                 raise
             print(f"warning: {e} after the result was written; result kept", file=sys.stderr)
         return json.loads(Path(out).read_text())
+
+
+def cpu_ticks() -> Optional[Tuple[int, int]]:
+    """(steal, total) CPU ticks of the machine so far, from /proc/stat (None where there is none).
+    Steal is time the hypervisor gave this VM's CPUs to someone else: a run with a few percent
+    of it is slowed by that much for reasons that are neither side's."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_percent(before: Optional[Tuple[int, int]], after: Optional[Tuple[int, int]]) -> Optional[float]:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
 
 
 def stats(xs: List[float]) -> Dict[str, float]:

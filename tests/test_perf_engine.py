@@ -1,6 +1,7 @@
 """Overhead removals keep the numbers. ZeRO-0 at one data-parallel rank skips DeepSpeed's
-gradient all-reduce (flatten, all-reduce over one rank, copy back) and must give bit-identical
-weights, losses and grad norms to DeepSpeed's full path. ZeRO-0 in fp32 computes the gradient
+gradient all-reduce (flatten, all-reduce over one rank, copy back) and its forward/backward/step
+wrappers (the module and torch's AdamW are called directly) and must give bit-identical weights,
+losses and grad norms to DeepSpeed's full path. ZeRO-0 in fp32 computes the gradient
 norm once with foreach kernels (non-finite check, logged norm and clip coefficient in one) instead
 of DeepSpeed's per-tensor clipping: the first step's loss and norm must equal a hand-written
 torch loop's (``clip_grad_norm_``) bit for bit. One gloo rank in a spawned process."""
@@ -48,7 +49,7 @@ def _train_both(port: int, out: dict) -> None:
         torch.manual_seed(1)
         eng = DeepSpeedEngine(cfg, build_model(cfg.model), layout)
         stats = [eng.train_step(b, 1e-2) for b in steps]
-        results[mode] = {"allreduce": eng.engine.enable_backward_allreduce,
+        results[mode] = {"allreduce": eng.engine.enable_backward_allreduce, "calls": type(eng.calls).__name__,
                          "loss": [s.loss for s in stats], "gn": [s.grad_norm for s in stats],
                          "phases": sorted(stats[-1].timings),
                          "w": {k: v.clone() for k, v in eng.model_state_dict().items()}}
@@ -94,6 +95,8 @@ def test_zero0_single_rank_skip_is_bit_identical():
         res = dict(out)
     skip, full = res["skip"], res["full"]
     assert skip["allreduce"] is False and full["allreduce"] is True
+    # one rank: the module and torch's AdamW directly; DeepSpeed's wrappers on the other side
+    assert skip["calls"] == "DirectCalls" and full["calls"] == "DeepSpeedCalls"
     assert skip["loss"] == full["loss"]
     # nan == nan where DeepSpeed's ZeRO-0 reports no norm: compare as strings
     assert skip["gn"] == full["gn"]

@@ -19,6 +19,7 @@ _exit_code = 0
 def _task(dcfg) -> None:
     global _exit_code
     from dist_llm.data.sources import ShardFetchError
+    from dist_llm.launch.ray_connect import RayUnreachableError
     from dist_llm.prepare import BadInputError, InputError, run_prepare
 
     try:
@@ -28,7 +29,7 @@ def _task(dcfg) -> None:
         print(f"dist-llm prepare: {e}", file=sys.stderr)
         _exit_code = 2
         return
-    except ShardFetchError as e:  # writing to `destination` failed after its retries
+    except (ShardFetchError, RayUnreachableError) as e:  # `destination` failed after retries; no Ray cluster
         print(f"dist-llm prepare: {e}", file=sys.stderr)
         _exit_code = 1
         return

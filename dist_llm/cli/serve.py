@@ -79,9 +79,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.backend == ServeBackend.ray:
+        from dist_llm.launch.ray_connect import RayUnreachableError
         from dist_llm.serve.ray_backend import run_ray
 
-        return run_ray(cfg)
+        try:
+            return run_ray(cfg)
+        except RayUnreachableError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     from dist_llm.serve.server import run_local
 
     return run_local(cfg)

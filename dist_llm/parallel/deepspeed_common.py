@@ -126,14 +126,16 @@ class MicroStepResult(NamedTuple):
     grad_norm: float  # the step's own norm before clipping when it owns clipping, else nan
 
 
-def train_micro_batches(owner: Engine, ds_engine, optimizer, params: Sequence[nn.Parameter],
+def train_micro_batches(owner: Engine, calls: "DeepSpeedCalls", params: Sequence[nn.Parameter],
                         micro_batches: List[Any], lr: float,
                         loss_fn: Callable[[Any], Any], device: torch.device, agree: Agree,
                         max_norm: Optional[float] = None, agree_early: Optional[AgreeEarly] = None,
                         metrics_into: Optional[Dict[str, torch.Tensor]] = None,
                         clock: Optional[PhaseClock] = None) -> MicroStepResult:
-    """One optimizer step over ``micro_batches`` through a DeepSpeed engine. ``params`` are the
-    module's parameters, listed once by the engine (not walked through the module tree per step).
+    """One optimizer step over ``micro_batches`` through a DeepSpeed engine (``calls``: its
+    backward and update, or the direct calls where DeepSpeed's wrappers do nothing,
+    :func:`step_calls`). ``params`` are the module's parameters, listed once by the engine (not
+    walked through the module tree per step).
 
     ``loss_fn`` returns a loss tensor, or ``(loss, {name: (sum, count)})`` (a task's loss); the
     pairs are added into ``metrics_into`` (float64 2-vectors; the caller's ``agree`` may reduce
@@ -156,9 +158,9 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, params: Sequence[nn
     (the step; under ZeRO-1/2/3 it includes the parameter all-gather).
     """
     clock = clock or PhaseClock()
-    for group in optimizer.param_groups:
+    for group in calls.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    total, answer = _forward_backward(owner, ds_engine, micro_batches, loss_fn, device, agree_early, metrics_into)
+    total, answer = _forward_backward(owner, calls, micro_batches, loss_fn, device, agree_early, metrics_into)
     clock.mark("fwd_bwd_s")
     params = [p for p in params if p.grad is not None]  # ZeRO-2/3 free what they reduced
     norm = _total_norm([p.grad for p in params], 2.0 if max_norm is not None else math.inf, device)
@@ -174,17 +176,16 @@ def train_micro_batches(owner: Engine, ds_engine, optimizer, params: Sequence[nn
     if apply:
         if max_norm:  # owned clipping (max_norm 0 or None: none here); takes parameters, not grads
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        ds_engine.step()
+        calls.update()
     else:
-        with _update_withheld(optimizer):
-            ds_engine.step()  # the boundary bookkeeping (counters, zeroed grads), no update
+        calls.withhold()
     clock.mark("optim_s")
-    overflow = bool(getattr(optimizer, "overflow", False))
+    overflow = bool(getattr(calls.optimizer, "overflow", False))
     grad_norm = float(norm) if max_norm is not None else math.nan
     return MicroStepResult(loss_mean, apply and not overflow, finite and not overflow, grad_norm)
 
 
-def _forward_backward(owner: Engine, ds_engine, micro_batches: List[Any], loss_fn: Callable[[Any], Any],
+def _forward_backward(owner: Engine, calls: "DeepSpeedCalls", micro_batches: List[Any], loss_fn: Callable[[Any], Any],
                       device: torch.device, agree_early: Optional[AgreeEarly],
                       metrics_into: Optional[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
     """Forward and backward of every micro-batch through DeepSpeed. Returns the local loss sum
@@ -206,10 +207,10 @@ def _forward_backward(owner: Engine, ds_engine, micro_batches: List[Any], loss_f
             owner.hook_phase("all_reduce:loss+nonfinite")
             answer = agree_early(total)
         owner.hook_phase("backward")
-        ds_engine.backward(loss)
+        calls.backward(loss)
         owner.hook_after_backward(last)
         if not last:
-            ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+            calls.between_micro_batches()
     return total, answer
 
 
@@ -220,6 +221,78 @@ def _total_norm(grads: List[torch.Tensor], norm_type: float, device: torch.devic
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.nn.utils.get_total_norm(grads, norm_type).to(device)
+
+
+class DeepSpeedCalls:
+    """A step's forward module, backward and update through DeepSpeed's engine (every stage and
+    precision: its optimizer owns reduction, partitions and loss scaling)."""
+
+    def __init__(self, ds_engine, optimizer):
+        self.ds_engine, self.optimizer = ds_engine, optimizer
+
+    @property
+    def module(self) -> Callable[..., Any]:
+        """What a training micro-batch's forward calls."""
+        return self.ds_engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds_engine.backward(loss)
+
+    def between_micro_batches(self) -> None:
+        self.ds_engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+
+    def update(self) -> None:
+        self.ds_engine.step()
+
+    def withhold(self) -> None:
+        """The boundary's bookkeeping (counters, zeroed gradients) without the update."""
+        with _update_withheld(self.optimizer):
+            self.ds_engine.step()
+
+
+class DirectCalls(DeepSpeedCalls):
+    """ZeRO-0, fp32, one data-parallel rank, the step owning clipping (:func:`step_calls`): the
+    module, ``(loss / accumulation).backward()``, the torch optimizer's ``step`` and
+    ``zero_grad(set_to_none=True)`` - what DeepSpeed's wrappers reduce to here. They also run
+    forward/backward hooks, timers, throughput and monitor bookkeeping, an all-reduce over one
+    rank (already off, :func:`skip_single_rank_allreduce`) and a ``named_parameters`` walk to
+    zero the gradients: ~1,200 of the ~3,600 Python calls of a demo-model step. The numbers are
+    bit-identical (tests/test_perf_engine.py). DeepSpeed's step counters stay at 0; nothing reads
+    them (our checkpoints keep their own)."""
+
+    def __init__(self, ds_engine, optimizer):
+        super().__init__(ds_engine, optimizer)
+        self.accumulation = ds_engine.gradient_accumulation_steps()
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):  # timers and profiler only
+            handle = getattr(ds_engine, name, None)
+            if handle is not None:
+                handle.remove()
+                setattr(ds_engine, name, None)
+
+    @property
+    def module(self) -> Callable[..., Any]:
+        return self.ds_engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()  # DeepSpeed's scaling, same expression
+
+    def between_micro_batches(self) -> None:
+        pass
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def withhold(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def step_calls(ds_engine, optimizer, cfg: JobConfig, dp: int, owns_clip: bool) -> DeepSpeedCalls:
+    """:class:`DirectCalls` where DeepSpeed's wrappers add nothing (ZeRO-0, fp32, dp = 1, the
+    step clipping; the optimizer a plain torch one), else :class:`DeepSpeedCalls`."""
+    direct = (dp == 1 and owns_clip and cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp32"
+              and isinstance(optimizer, torch.optim.Optimizer) and not ds_engine.enable_backward_allreduce)
+    return (DirectCalls if direct else DeepSpeedCalls)(ds_engine, optimizer)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 from dist_llm.config.schema import JobConfig
 from dist_llm.parallel import deepspeed_elastic
 from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, owns_clipping, param_groups,
-                                                skip_single_rank_allreduce, train_micro_batches)
+                                                skip_single_rank_allreduce, step_calls, train_micro_batches)
 from dist_llm.parallel.elastic_state import PlainOptimizerState
 from dist_llm.parallel.engine import Engine, StepStats, batch_to, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
@@ -96,18 +96,21 @@ class DeepSpeedEngine(Engine):
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.task.layer_lr_decay), config=self.ds_config,
             dist_init_required=False)
         skip_single_rank_allreduce(self.engine, cfg, layout.dp)
+        # ZeRO-0 fp32 at dp = 1: the module and the torch optimizer directly (DeepSpeed's wrappers
+        # would only add hooks and bookkeeping); else through DeepSpeed
+        self.calls = step_calls(self.engine, self.optimizer, cfg, layout.dp, self.max_norm is not None)
         self._params = tuple(self.engine.module.parameters())  # listed once: the step filters it
         self.device = layout.device
         self.task = task
         self.last_eval_metrics = {}
 
     # --- compute ---
-    def _loss(self, batch: Any) -> Any:
+    def _loss(self, batch: Any, model: Callable[..., Any]) -> Any:
         """The loss tensor (causal LM fast path) or the task's ``(loss, metrics)``."""
         batch = batch_to(batch, self.device)
         if self.task is None:
-            return self.engine(batch[:, :-1], batch[:, 1:])
-        return self.task.loss(self.engine, batch)
+            return model(batch[:, :-1], batch[:, 1:])
+        return self.task.loss(model, batch)
 
     def _reduce_metrics(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Sum the task's (sum, count) pairs over ranks in one all-reduce (sorted names: every
@@ -129,7 +132,8 @@ class DeepSpeedEngine(Engine):
         # ZeRO-0 (owned clipping): the gradients are global after backward, so the loss all-reduce
         # can run during the last backward; other stages agree on loss and finiteness after it
         early = (lambda s: self._agree_later(s, sums, reduced)) if self.max_norm is not None else None
-        res = train_micro_batches(self, self.engine, self.optimizer, self._params, micro_batches, lr, self._loss,
+        module = self.calls.module
+        res = train_micro_batches(self, self.calls, self._params, micro_batches, lr, lambda mb: self._loss(mb, module),
                                   self.device, lambda s, bad: self._agree(s, bad, sums, reduced), max_norm=self.max_norm,
                                   agree_early=early, metrics_into=sums, clock=clock)
         return StepStats(loss=res.loss, grad_norm=global_grad_norm(self.engine, res.grad_norm), applied=res.applied,
@@ -174,7 +178,7 @@ class DeepSpeedEngine(Engine):
         try:
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
             for mb in micro_batches:
-                out = self._loss(mb)
+                out = self._loss(mb, self.engine)
                 if isinstance(out, tuple):
                     out, metrics = out
                     accumulate(sums, metrics, self.device)

@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dist_llm.launch.ray_connect import check_ray_reachable
+
 
 class _UnitProcessor:
     """Ray Data actor: reads units and writes their parts (skipping parts already on disk)."""
@@ -90,6 +92,7 @@ class RayEngine:
                 root = str(Path(__file__).resolve().parents[2])
                 path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
                 kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+            check_ray_reachable(address, "prepare.ray_address")
             ray.init(**kwargs)
         self.ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 1))

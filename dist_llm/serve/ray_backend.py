@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from dist_llm.config.serve_schema import ServeConfig
+from dist_llm.launch.ray_connect import check_ray_reachable
 
 log = logging.getLogger("dist_llm.serve")
 APP_NAME = "dist-llm"
@@ -54,6 +55,7 @@ def deploy(cfg: ServeConfig) -> None:
     ray, serve = import_ray_serve()
     if not ray.is_initialized():
         # None: the cluster in RAY_ADDRESS if set, else a new local one
+        check_ray_reachable(cfg.ray_address, "--ray-address (serve.ray_address)")
         ray.init(address=cfg.ray_address, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_deployment(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
+from dist_llm.launch.ray_connect import check_ray_reachable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_ID_ENV = "DIST_LLM_JOB_ID"
@@ -94,6 +95,7 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
 
     if not ray.is_initialized():
         address = la.address if la.address and not la.address.startswith(("http://", "https://")) else None
+        check_ray_reachable(address, "launcher.ray.address")
         ray.init(address=address, log_to_driver=True)
 
     use_gpu = la.gpus_per_worker > 0

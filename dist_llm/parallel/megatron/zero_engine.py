@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from dist_llm.config.schema import JobConfig
-from dist_llm.parallel.deepspeed_common import (deepspeed_config, global_grad_norm, param_groups,
+from dist_llm.parallel.deepspeed_common import (DeepSpeedCalls, deepspeed_config, global_grad_norm, param_groups,
                                                 skip_single_rank_allreduce, train_micro_batches)
 from dist_llm.parallel.engine import StepStats, accumulate, reduce_metrics
 from dist_llm.parallel.layout import ParallelLayout
@@ -44,6 +44,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         skip_single_rank_allreduce(self.ds, cfg, layout.dp if layout.tp == 1 else 0)  # tp > 1: keep DeepSpeed's path
         self.zero_stage = cfg.parallel.zero_stage
         self._params = tuple(self.ds.module.parameters())  # listed once: the step filters it
+        self._calls = DeepSpeedCalls(self.ds, self.optimizer)  # DeepSpeed clips (TP-aware norm): its path
 
     def _allreduce_sp_grads_over_tp(self, module: torch.nn.Module) -> None:
         layout, group = self.layout, self.layout.tp_group
@@ -64,7 +65,7 @@ class MegatronDeepSpeedEngine(MegatronEngineBase):
         self.check_micro_batches(micro_batches)
         clock = self.phase_clock()
         sums: Dict[str, torch.Tensor] = {}
-        res = train_micro_batches(self, self.ds, self.optimizer, self._params, micro_batches, lr,
+        res = train_micro_batches(self, self._calls, self._params, micro_batches, lr,
                                   lambda mb: self._mean_loss(self.ds, mb), self.layout.device,
                                   lambda s, bad: self._agree(s, bad, len(micro_batches)), metrics_into=sums,
                                   clock=clock)
