@@ -44,7 +44,7 @@ def pairs_job(job: Dict, rank: int, world: int) -> Dict:
     out = {"plain": [], "ours": [], "ratio": [], "step_ratio": [], "steal_percent": [], "rejected": []}
     attempt = 0
     while len(out["ratio"]) < job["pairs"] and attempt < 2 * job["pairs"]:
-        pair = _one_pair(job, world, attempt)
+        pair = _one_pair(job, world, attempt, plain_first=len(out["ratio"]) % 2 == 0)
         attempt += 1
         steal = max((x for x in pair["steal_percent"] if x is not None), default=0.0)
         if job.get("max_steal") and _agreed(steal > job["max_steal"], world) and attempt < 2 * job["pairs"]:
@@ -68,7 +68,8 @@ def _agreed(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def _one_pair(job: Dict, world: int, i: int) -> Dict:
+def _one_pair(job: Dict, world: int, i: int, plain_first: bool) -> Dict:
+    """Pair ``i`` (its run directory); the kept pairs alternate which side runs first."""
     import time
 
     from dist_llm.launch.env import read_launch_env
@@ -78,7 +79,7 @@ def _one_pair(job: Dict, world: int, i: int) -> Dict:
                        f"train.global_batch_size={12 * world}"], Path(job["workdir"]))
     tps = cfg.train.global_batch_size * cfg.train.seq_len
     rates, med, steal = {}, {}, []
-    for side in (("plain", "ours") if i % 2 == 0 else ("ours", "plain")):
+    for side in (("plain", "ours") if plain_first else ("ours", "plain")):
         t0, ticks = time.perf_counter(), cpu_ticks()
         ends = plain_loop(cfg, steps, world) if side == "plain" else ours(cfg, read_launch_env())
         rates[side] = steady_tokens_per_s(ends, t0, tps, warmup)

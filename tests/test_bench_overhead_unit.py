@@ -22,29 +22,32 @@ def test_steal_percent_from_proc_stat():
 
 
 def _fake_pairs(monkeypatch, steals):
-    seen = []
+    seen, order = [], []
 
-    def one_pair(job, world, i):
+    def one_pair(job, world, i, plain_first):
         seen.append(i)
+        order.append(plain_first)
         s = steals[i]
         return {"plain": 100.0, "ours": 90.0 + i, "ratio": (90.0 + i) / 100, "step_ratio": 0.9, "steal_percent": [s, s]}
 
     monkeypatch.setattr(overhead, "_one_pair", one_pair)
-    return seen
+    return seen, order
 
 
 def test_pair_with_heavy_steal_is_measured_again(monkeypatch):
-    seen = _fake_pairs(monkeypatch, [1.0, 12.0, 2.0, 0.5])
+    seen, order = _fake_pairs(monkeypatch, [1.0, 12.0, 2.0, 0.5])
     out = overhead.pairs_job({"pairs": 3, "max_steal": 5.0}, rank=0, world=1)
     assert seen == [0, 1, 2, 3]
+    # the kept pairs (attempts 0, 2, 3) alternate which side runs first; the rejected one repeats its turn
+    assert order == [True, False, False, True]
     assert out["ratio"] == [0.90, 0.92, 0.93] and len(out["rejected"]) == 1
     assert out["rejected"][0]["ratio"] == 0.91
 
 
 def test_attempts_are_bounded_and_zero_keeps_everything(monkeypatch):
-    seen = _fake_pairs(monkeypatch, [50.0] * 10)
+    seen, _ = _fake_pairs(monkeypatch, [50.0] * 10)
     out = overhead.pairs_job({"pairs": 2, "max_steal": 5.0}, rank=0, world=1)
     assert len(seen) == 4 and len(out["rejected"]) == 3 and len(out["ratio"]) == 1  # the last attempt is kept
-    seen = _fake_pairs(monkeypatch, [50.0] * 10)
+    seen, _ = _fake_pairs(monkeypatch, [50.0] * 10)
     out = overhead.pairs_job({"pairs": 2, "max_steal": 0}, rank=0, world=1)
     assert len(seen) == 2 and out["rejected"] == [] and len(out["ratio"]) == 2

@@ -55,8 +55,37 @@ def _train_both(port: int, out: dict) -> None:
                          "w": {k: v.clone() for k, v in eng.model_state_dict().items()}}
     de.skip_single_rank_allreduce = orig
     results["plain"] = _hand_written(cfg, steps)
+    results["training_seen"] = _training_flags_seen_by_task(cfg, layout, steps)
     out.update(results)
     dist.destroy_process_group()
+
+
+def _training_flags_seen_by_task(cfg, layout, steps) -> dict:
+    """What ``model.training`` a task sees in a training step and in evaluation (distill's loss
+    depends on it), at ZeRO-0 (the direct path) and ZeRO-1 (DeepSpeed's)."""
+    import dataclasses
+
+    from dist_llm.models import build_model
+    from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
+    from dist_llm.train.tasks.pretrain import PretrainTask
+
+    class Recording(PretrainTask):
+        def loss(self, model, batch):
+            self.seen.append(bool(model.training))
+            return super().loss(model, batch)
+
+    out = {}
+    for stage in (0, 1, 3):
+        c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=stage))
+        task = Recording(c)
+        task.seen = []
+        torch.manual_seed(1)
+        eng = DeepSpeedEngine(c, build_model(c.model), layout, task=task)
+        eng.train_step(steps[0], 1e-3)
+        train_flags, task.seen = task.seen, []
+        val = eng.eval_loss(steps[1])  # ZeRO-3: the module's own gather hooks fetch the partitions
+        out[stage] = {"train": train_flags, "eval": task.seen, "after": bool(eng.engine.module.training), "val": val}
+    return out
 
 
 def _hand_written(cfg, steps) -> dict:
@@ -102,6 +131,16 @@ def test_zero0_single_rank_skip_is_bit_identical():
     assert skip["gn"] == full["gn"]
     assert all(torch.equal(skip["w"][k], full["w"][k]) for k in full["w"])
     assert skip["phases"] == ["comm_s", "fwd_bwd_s", "optim_s"]
+    # a task's loss sees training=True in a step and False in evaluation, on either path
+    seen = res["training_seen"]
+    for stage in (0, 1, 3):
+        assert {k: v for k, v in seen[stage].items() if k != "val"} == \
+            {"train": [True, True], "eval": [False, False], "after": True}
+    # and the same evaluation after the same step at every stage (fp32: measured equal to the
+    # last bit here; 1e-5 leaves room for another reduction order in the clip norm or the master
+    # copy's update, while a wrong or unpartitioned ZeRO-3 evaluation is off by far more)
+    assert abs(seen[3]["val"] - seen[0]["val"]) / seen[0]["val"] < 1e-5
+    assert abs(seen[1]["val"] - seen[0]["val"]) / seen[0]["val"] < 1e-5
     assert full["w"] and any(not torch.equal(full["w"][k], torch.zeros_like(full["w"][k])) for k in full["w"])
     # ZeRO-0 fp32 owns the norm and the clipping: the same numbers as the hand-written loop
     # (step 0 only: the same weights and batches, so the same gradients; later steps also depend on

@@ -33,12 +33,24 @@ def test_dead_configured_address_fails_fast_naming_it_and_the_fix():
     assert addr in msg and "configured address" in msg and "launcher.ray.address" in msg and "ray start --head" in msg
 
 
-def test_ray_address_env_wins_and_is_named(monkeypatch):
+def test_ray_address_env_is_used_as_ray_init_uses_it(monkeypatch):
+    """ray.init reads RAY_ADDRESS only when the address is None or "auto": an explicit address
+    wins, so a stale RAY_ADDRESS must not fail a run pointed at a live head (or hide a dead one)."""
     addr = _dead_address()
     monkeypatch.setenv("RAY_ADDRESS", addr)
-    assert resolve_ray_address("10.1.2.3:6379") == (addr, "the RAY_ADDRESS environment variable")
+    assert resolve_ray_address(None) == (addr, "the RAY_ADDRESS environment variable")
+    assert resolve_ray_address("auto") == (addr, "the RAY_ADDRESS environment variable")
+    assert resolve_ray_address("10.1.2.3:6379") == ("10.1.2.3:6379", "the configured address")
+    assert resolve_ray_address("local")[0] is None  # "local": a new cluster, nothing to probe
     with pytest.raises(RayUnreachableError, match="RAY_ADDRESS environment variable"):
         check_ray_reachable(None, "serve.ray_address")
+    with socket.socket() as srv:  # a live explicit head beside a stale RAY_ADDRESS passes
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        check_ray_reachable("127.0.0.1:%d" % srv.getsockname()[1], "serve.ray_address")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # ... and a dead explicit one beside any RAY_ADDRESS fails
+    with pytest.raises(RayUnreachableError, match="configured address"):
+        check_ray_reachable(_dead_address(), "serve.ray_address")
 
 
 def test_stale_ray_start_file_is_named_with_ray_stop(tmp_path):

@@ -4,8 +4,8 @@
 connection for minutes (seen: 13 minutes) before giving up, and with ``address=None`` it silently
 joins the last ``ray start``'s cluster from ``/tmp/ray/ray_current_cluster`` even after that
 cluster died. :func:`check_ray_reachable` resolves the address the way ``ray.init`` will
-(``RAY_ADDRESS``, then the argument, then the last ``ray start``) and opens one TCP connection to
-it, so a dead or mistyped cluster is an error in seconds that names the address, where it came
+(the argument, else ``RAY_ADDRESS``, else the last ``ray start``; "local" = a new cluster) and
+opens one TCP connection to it, so a dead or mistyped cluster is an error in seconds that names the address, where it came
 from, and the fix.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ class RayUnreachableError(ConnectionError):
 def resolve_ray_address(address: Optional[str]) -> Tuple[Optional[str], str]:
     """(address ``ray.init`` will connect to or None for a new local cluster, where it came
     from). Uses Ray's own resolution where it can be imported."""
+    if address and address != "auto":  # ray.init: an explicit address wins over RAY_ADDRESS
+        return (None, "nothing") if address == "local" else (address, "the configured address")
     env = os.environ.get("RAY_ADDRESS") or None
     if env:
         return env, "the RAY_ADDRESS environment variable"
-    if address and address != "auto":
-        return address, "the configured address"
     try:  # where `ray start` records its cluster (RAY_TMPDIR, TMPDIR or /tmp, then ray/)
         from ray._common.utils import get_ray_address_file
     except ImportError:  # another Ray layout: let ray.init resolve it
@@ -52,6 +52,19 @@ def _host_port(address: str) -> Optional[Tuple[str, int]]:
     return host.strip("[]"), int(port)
 
 
+def _hosts_to_try(host: str) -> list:
+    """``host``, and for a loopback name also the node IP ray.init itself connects to instead
+    (Ray rewrites localhost / 127.0.0.1 / ::1 to it)."""
+    hosts = [host]
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        node_ip = resolve_ip_for_localhost(host)
+    except Exception:  # another Ray layout or no network: the host as written
+        return hosts
+    return hosts + ([node_ip] if node_ip and node_ip != host else [])
+
+
 def check_ray_reachable(address: Optional[str], setting: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Raise :class:`RayUnreachableError` unless the cluster ``ray.init(address=address)`` would
     join accepts a TCP connection within ``timeout_s``. ``setting`` names the config field that
@@ -60,17 +73,22 @@ def check_ray_reachable(address: Optional[str], setting: str, timeout_s: float =
     target = _host_port(resolved) if resolved else None
     if target is None:
         return
-    try:
-        with socket.create_connection(target, timeout=timeout_s):
-            return
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        if "ray_current_cluster" in source:
-            fix = ("that cluster is gone: run `ray stop` to forget it (a new local cluster is then started), "
-                   f"or set {setting} / RAY_ADDRESS to a live head")
-        else:
-            fix = (f"start the head (`ray start --head`, or ray_jobs/start_local_cluster.sh) or point {setting} / "
-                   f"RAY_ADDRESS at a live one (unset both for a new local cluster)")
-        raise RayUnreachableError(
-            f"Ray cluster at {resolved} (from {source}) is not reachable within {timeout_s:.0f} s: {reason}; "
-            f"{fix}") from None
+    reason = ""
+    for host in _hosts_to_try(target[0]):
+        try:
+            with socket.create_connection((host, target[1]), timeout=timeout_s):
+                return
+        except OSError as e:
+            reason = reason or e.strerror or type(e).__name__
+    if "ray_current_cluster" in source:
+        fix = ("that cluster is gone: run `ray stop` to forget it (a new local cluster is then started), "
+               f"or set {setting} / RAY_ADDRESS to a live head")
+    elif "RAY_ADDRESS" in source:
+        fix = (f"start that head (`ray start --head`, or ray_jobs/start_local_cluster.sh), point RAY_ADDRESS at a "
+               f"live one, or unset it for a new local cluster ({setting} set explicitly wins over it)")
+    else:
+        fix = (f"start that head (`ray start --head`, or ray_jobs/start_local_cluster.sh) or point {setting} at a "
+               f"live one (unset it and RAY_ADDRESS for a new local cluster)")
+    raise RayUnreachableError(
+        f"Ray cluster at {resolved} (from {source}) is not reachable within {timeout_s:.0f} s: {reason}; "
+        f"{fix}") from None

@@ -178,7 +178,9 @@ class DeepSpeedEngine(Engine):
         try:
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
             for mb in micro_batches:
-                out = self._loss(mb, self.engine)
+                # the module, not DeepSpeed's wrapper: its eval() switches only the module, and a
+                # task reads model.training (distill reports the student's own CE in eval)
+                out = self._loss(mb, self.engine.module)
                 if isinstance(out, tuple):
                     out, metrics = out
                     accumulate(sums, metrics, self.device)
