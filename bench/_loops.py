@@ -66,6 +66,14 @@ def compose_cfg(overrides: List[str], workdir: Path):
     return dataclasses.replace(cfg, data=data)
 
 
+def plain_adamw(model, opt) -> torch.optim.AdamW:
+    """torch's AdamW with our weight-decay groups and ``opt``'s settings: the hand-written side."""
+    from dist_llm.parallel.deepspeed_common import param_groups
+
+    return torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                             eps=opt.eps, weight_decay=opt.weight_decay)
+
+
 def plain_loop(cfg, steps: int, world: int) -> List[float]:
     """The hand-written loop: build_model, AdamW with the same groups, (DDP over gloo at world > 1),
     clip, step; one ``loss.item()`` per step, as any loop that prints its loss. Returns step ends."""
@@ -74,7 +82,6 @@ def plain_loop(cfg, steps: int, world: int) -> List[float]:
 
     from dist_llm.data import TrainLoader
     from dist_llm.models import build_model
-    from dist_llm.parallel.deepspeed_common import param_groups
     from dist_llm.train.schedule import lr_at
 
     tr, opt = cfg.train, cfg.optim
@@ -83,8 +90,7 @@ def plain_loop(cfg, steps: int, world: int) -> List[float]:
     loader = TrainLoader.from_config(cfg.data, tr, rank, world, accum)
     torch.manual_seed(tr.seed)
     model = build_model(cfg.model)
-    optim = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                              eps=opt.eps, weight_decay=opt.weight_decay)
+    optim = plain_adamw(model, opt)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ends: List[float] = []
     for step in range(steps):
@@ -189,6 +195,11 @@ def cpu_ticks() -> Optional[Tuple[int, int]]:
     except (OSError, ValueError):
         return None
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def max_known(xs) -> Optional[float]:
+    """The largest of ``xs`` that is not None (None if there is none)."""
+    return max((x for x in xs if x is not None), default=None)
 
 
 def steal_percent(before: Optional[Tuple[int, int]], after: Optional[Tuple[int, int]]) -> Optional[float]:

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict
 
-from bench._loops import (compose_cfg, cpu_ticks, ours, plain_loop, run_ranks, stats, steady_tokens_per_s,
-                          steal_percent, write_result)
+from bench._loops import (compose_cfg, cpu_ticks, max_known, ours, plain_loop, run_ranks, stats,
+                          steady_tokens_per_s, steal_percent, write_result)
 
 
 def median_step_s(ends, warmup: int) -> float:
@@ -46,7 +46,7 @@ def pairs_job(job: Dict, rank: int, world: int) -> Dict:
     while len(out["ratio"]) < job["pairs"] and attempt < 2 * job["pairs"]:
         pair = _one_pair(job, world, attempt, plain_first=len(out["ratio"]) % 2 == 0)
         attempt += 1
-        steal = max((x for x in pair["steal_percent"] if x is not None), default=0.0)
+        steal = max_known(pair["steal_percent"]) or 0.0
         if job.get("max_steal") and _agreed(steal > job["max_steal"], world) and attempt < 2 * job["pairs"]:
             out["rejected"].append(pair)
             continue
@@ -119,7 +119,7 @@ def main() -> None:
                              "ratio": stats(r["ratio"]), "step_ratio": stats(r["step_ratio"]),
                              "plain_tokens_per_s": stats(r["plain"]),
                              "ours_tokens_per_s": stats(r["ours"]),
-                             "steal_percent_max": max((x for x in r["steal_percent"] if x is not None), default=None),
+                             "steal_percent_max": max_known(r["steal_percent"]),
                              "pairs_rejected": len(r["rejected"]),
                              "raw": r})
                 print(f"done {name} ranks={world}: median ratio {rows[-1]['ratio']['median']:.3f}", flush=True)

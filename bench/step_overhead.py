@@ -26,29 +26,27 @@ from typing import Callable, Dict, List
 
 import torch
 
-from bench._loops import free_port, write_result
+from bench._loops import BASE, free_port, plain_adamw, write_result
 
 
 def _sides(zero: int, accum: int) -> Dict[str, Callable[[int], None]]:
     from dist_llm.config.store import compose
     from dist_llm.models import build_model
-    from dist_llm.parallel.deepspeed_common import param_groups
     from dist_llm.parallel.deepspeed_engine import DeepSpeedEngine
     from dist_llm.parallel.layout import ParallelLayout
 
-    cfg = compose(["model=demo", "train.seq_len=64", "train.micro_batch_size=12",
-                   f"train.global_batch_size={12 * accum}", f"parallel.zero_stage={zero}"])
+    cfg = compose([*BASE, f"train.global_batch_size={12 * accum}", f"parallel.zero_stage={zero}"])
     layout = ParallelLayout(rank=0, world_size=1, local_rank=0, dp=1, tp=1, pp=1, device=torch.device("cpu"),
                             backend="gloo")
     g = torch.Generator().manual_seed(0)
-    steps = [[torch.randint(0, cfg.model.vocab_size, (12, 65), generator=g) for _ in range(accum)] for _ in range(16)]
+    shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)  # bench.overhead's batch (BASE)
+    steps = [[torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(accum)] for _ in range(16)]
     torch.manual_seed(cfg.train.seed)
     engine = DeepSpeedEngine(cfg, build_model(cfg.model), layout)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     opt = cfg.optim
-    optim = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                              eps=opt.eps, weight_decay=opt.weight_decay)
+    optim = plain_adamw(model, opt)
 
     def plain(i: int) -> None:
         optim.zero_grad(set_to_none=True)
@@ -62,7 +60,7 @@ def _sides(zero: int, accum: int) -> Dict[str, Callable[[int], None]]:
     def ours(i: int) -> None:
         engine.train_step(steps[i % len(steps)], opt.lr)
 
-    return {"plain": plain, "ours": ours, "calls": type(getattr(engine, "calls", None)).__name__}
+    return {"plain": plain, "ours": ours, "calls": type(engine.calls).__name__}
 
 
 def _calls_per_step(fn: Callable[[int], None], n: int = 20) -> float:

@@ -5,15 +5,16 @@ connection for minutes (seen: 13 minutes) before giving up, and with ``address=N
 joins the last ``ray start``'s cluster from ``/tmp/ray/ray_current_cluster`` even after that
 cluster died. :func:`check_ray_reachable` resolves the address the way ``ray.init`` will
 (the argument, else ``RAY_ADDRESS``, else the last ``ray start``; "local" = a new cluster) and
-opens one TCP connection to it, so a dead or mistyped cluster is an error in seconds that names the address, where it came
-from, and the fix.
+opens one TCP connection to it, so a dead or mistyped cluster is an error in seconds that names
+the address, where it came from, and the fix. Every command that joins Ray goes through
+:func:`init_ray`.
 """
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -92,3 +93,14 @@ def check_ray_reachable(address: Optional[str], setting: str, timeout_s: float =
     raise RayUnreachableError(
         f"Ray cluster at {resolved} (from {source}) is not reachable within {timeout_s:.0f} s: {reason}; "
         f"{fix}") from None
+
+
+def init_ray(address: Optional[str], setting: str, **init_kwargs: Any):
+    """``ray.init(address=address, **init_kwargs)`` after :func:`check_ray_reachable`, unless Ray
+    is already initialized in this process; returns the ``ray`` module."""
+    import ray
+
+    if not ray.is_initialized():
+        check_ray_reachable(address, setting)
+        ray.init(address=address, **init_kwargs)
+    return ray

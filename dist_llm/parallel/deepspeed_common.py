@@ -287,11 +287,12 @@ class DirectCalls(DeepSpeedCalls):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def step_calls(ds_engine, optimizer, cfg: JobConfig, dp: int, owns_clip: bool) -> DeepSpeedCalls:
-    """:class:`DirectCalls` where DeepSpeed's wrappers add nothing (ZeRO-0, fp32, dp = 1, the
-    step clipping; the optimizer a plain torch one), else :class:`DeepSpeedCalls`."""
-    direct = (dp == 1 and owns_clip and cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp32"
-              and isinstance(optimizer, torch.optim.Optimizer) and not ds_engine.enable_backward_allreduce)
+def step_calls(ds_engine, optimizer, owns_clip: bool) -> DeepSpeedCalls:
+    """:class:`DirectCalls` where DeepSpeed's wrappers add nothing, else :class:`DeepSpeedCalls`.
+    That is where the step owns clipping (:func:`owns_clipping`: ZeRO-0, fp32) and DeepSpeed's
+    gradient all-reduce is off (:func:`skip_single_rank_allreduce`: one data-parallel rank), with
+    a plain torch optimizer."""
+    direct = owns_clip and not ds_engine.enable_backward_allreduce and isinstance(optimizer, torch.optim.Optimizer)
     return (DirectCalls if direct else DeepSpeedCalls)(ds_engine, optimizer)
 
 

@@ -98,7 +98,7 @@ class DeepSpeedEngine(Engine):
         skip_single_rank_allreduce(self.engine, cfg, layout.dp)
         # ZeRO-0 fp32 at dp = 1: the module and the torch optimizer directly (DeepSpeed's wrappers
         # would only add hooks and bookkeeping); else through DeepSpeed
-        self.calls = step_calls(self.engine, self.optimizer, cfg, layout.dp, self.max_norm is not None)
+        self.calls = step_calls(self.engine, self.optimizer, self.max_norm is not None)
         self._params = tuple(self.engine.module.parameters())  # listed once: the step filters it
         self.device = layout.device
         self.task = task

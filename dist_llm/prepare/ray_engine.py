@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dist_llm.launch.ray_connect import check_ray_reachable
+from dist_llm.launch.ray_connect import init_ray
 
 
 class _UnitProcessor:
@@ -84,16 +84,12 @@ class RayEngine:
     """The :class:`dist_llm.prepare.engines.Engine` interface on Ray Data."""
 
     def __init__(self, address: Optional[str], workers: int) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            kwargs: Dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
-            if address is None:  # a local Ray: its workers import this same checkout
-                root = str(Path(__file__).resolve().parents[2])
-                path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-                kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
-            check_ray_reachable(address, "prepare.ray_address")
-            ray.init(**kwargs)
+        kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:  # a local Ray: its workers import this same checkout
+            root = str(Path(__file__).resolve().parents[2])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+        ray = init_ray(address, "prepare.ray_address", **kwargs)
         self.ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or cpus

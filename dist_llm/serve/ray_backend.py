@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from dist_llm.config.serve_schema import ServeConfig
-from dist_llm.launch.ray_connect import check_ray_reachable
+from dist_llm.launch.ray_connect import init_ray
 
 log = logging.getLogger("dist_llm.serve")
 APP_NAME = "dist-llm"
@@ -52,11 +52,9 @@ def build_deployment(cfg: ServeConfig):
 def deploy(cfg: ServeConfig) -> None:
     """Connect to (or start) Ray, start Serve's HTTP proxy on host:port, deploy; returns once
     every replica is up."""
-    ray, serve = import_ray_serve()
-    if not ray.is_initialized():
-        # None: the cluster in RAY_ADDRESS if set, else a new local one
-        check_ray_reachable(cfg.ray_address, "--ray-address (serve.ray_address)")
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+    _, serve = import_ray_serve()
+    # None: the cluster in RAY_ADDRESS if set, else a new local one
+    init_ray(cfg.ray_address, "--ray-address (serve.ray_address)", log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_deployment(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     log.info("Ray Serve: %d replica(s) of %s on http://%s:%d/v1", cfg.ray_replicas, cfg.model_path,

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from dist_llm.config.plan import run_dir_for
 from dist_llm.config.schema import JobConfig
-from dist_llm.launch.ray_connect import check_ray_reachable
+from dist_llm.launch.ray_connect import init_ray
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_ID_ENV = "DIST_LLM_JOB_ID"
@@ -78,7 +78,6 @@ def _train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
 def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     """Train ``cfg`` with ``cfg.launcher.ray.num_workers`` Ray Train workers; returns the
     ``ray.train.Result`` (``result.metrics`` = the run summary of rank 0)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -93,10 +92,8 @@ def train_with_ray(cfg: JobConfig, job_id: Optional[str] = None):
     config_path = run_dir / "config.yaml"
     save_config_redacted(cfg, config_path)
 
-    if not ray.is_initialized():
-        address = la.address if la.address and not la.address.startswith(("http://", "https://")) else None
-        check_ray_reachable(address, "launcher.ray.address")
-        ray.init(address=address, log_to_driver=True)
+    address = la.address if la.address and not la.address.startswith(("http://", "https://")) else None
+    init_ray(address, "launcher.ray.address", log_to_driver=True)
 
     use_gpu = la.gpus_per_worker > 0
     resources = {"CPU": float(la.cpus_per_worker)}
